@@ -1,0 +1,51 @@
+"""Typed errors raised by tf_gradcam.
+
+Every error says which argument was wrong, what was received and what to do
+instead, in the pattern of Keras' own messages. All of them derive from
+`GradCAMError`, itself a `ValueError`, so callers can catch either.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "GradCAMError",
+    "InputError",
+    "LayerNotFoundError",
+    "NoGradientError",
+    "NotSpatialError",
+    "TargetError",
+    "UnsupportedModelError",
+]
+
+
+class GradCAMError(ValueError):
+    """Base class of every error tf_gradcam raises on bad input."""
+
+
+class BackendError(GradCAMError):
+    """Keras runs on a backend other than TensorFlow."""
+
+
+class LayerNotFoundError(GradCAMError):
+    """The `layer` argument names no layer of the model."""
+
+
+class NotSpatialError(GradCAMError):
+    """The chosen layer's output is not a 4-D (batch, height, width, channels) tensor."""
+
+
+class TargetError(GradCAMError):
+    """The `target` argument is out of range or of an unsupported form."""
+
+
+class InputError(GradCAMError):
+    """The images have the wrong rank, shape, channels, dtype or non-finite values."""
+
+
+class NoGradientError(GradCAMError):
+    """The target score does not depend on the chosen layer."""
+
+
+class UnsupportedModelError(GradCAMError):
+    """The model's structure cannot be opened up (e.g. a subclassed model)."""

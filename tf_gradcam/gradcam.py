@@ -1,0 +1,571 @@
+"""The Grad-CAM engine: tape → gradients → channel weights → weighted sum → ReLU.
+
+Follows Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
+Gradient-based Localization", §3 (eqs. 1–2), §3.3 (counterfactuals) and the
+ablations of Appendix B.2. Every method shares this engine; a variant
+overrides one step (`channel_weights`), as in pytorch-grad-cam.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_gradcam.errors import (
+    BackendError,
+    InputError,
+    NoGradientError,
+    TargetError,
+)
+from tf_gradcam.image import normalize_maps, upsample_maps
+from tf_gradcam.submodel import CallOverride, GradientModel, build_gradient_model
+from tf_gradcam.targets import Target, TargetSpec, resolve_target
+
+__all__ = ["Explanation", "GradCAM", "explain"]
+
+_POOLINGS = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What one Grad-CAM call returns.
+
+    Per-image arrays have the batch axis first; with `TopK(k)` targets they gain
+    a `k` axis right after it. `GradCAM.__call__` returns NumPy arrays,
+    `GradCAM.compute` returns `tf.Tensor`s (for graph mode and differentiation).
+
+    Attributes:
+        heatmaps: `(batch, height, width)` float32 in [0, 1]: `maps` bilinearly
+            upsampled to the input size, then divided by each map's maximum
+            (min-max scaled when `relu=False`). An all-zero map stays zero.
+        maps: `(batch, h, w)` map at the layer's resolution, after the ReLU of
+            eq. 2 (equal to `raw_maps` when `relu=False`), unnormalised.
+        raw_maps: `(batch, h, w)` signed map `Σ_k α_k A^k` before the ReLU.
+        weights: `(batch, channels)` neuron importances α_k^c (eq. 1).
+        scores: `(batch,)` target scores y^c.
+        classes: `(batch,)` int class indices of the targets, or `None` when the
+            target is a callable.
+        degenerate: `(batch,)` bool, `True` where the map is all zero (or
+            constant, or non-finite before cleaning).
+        layer: path of the explained layer, e.g. `"resnet50/conv5_block3_out"`.
+    """
+
+    heatmaps: Any
+    maps: Any
+    raw_maps: Any
+    weights: Any
+    scores: Any
+    classes: Any
+    degenerate: Any
+    layer: str
+
+    def numpy(self) -> Explanation:
+        """Return a copy whose tensor fields are NumPy arrays."""
+        converted = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            converted[f.name] = value.numpy() if isinstance(value, tf.Tensor) else value
+        return replace(self, **converted)
+
+
+def _check_backend() -> None:
+    if keras.backend.backend() != "tensorflow":
+        raise BackendError(
+            f"tf_gradcam needs Keras on the TensorFlow backend; Keras is using "
+            f"{keras.backend.backend()!r}. Set the environment variable "
+            "KERAS_BACKEND=tensorflow before importing keras."
+        )
+
+
+def _spatial_input(inputs: Any) -> Any:
+    """The first 4-D input leaf: its height and width size the heatmaps."""
+    for leaf in keras.tree.flatten(inputs):
+        if len(leaf.shape) == 4:
+            return leaf
+    raise InputError(
+        "None of the model's inputs is a 4-D (batch, height, width, channels) image; "
+        "Grad-CAM heatmaps are sized after the image input."
+    )
+
+
+class GradCAM:
+    """Grad-CAM for a Keras model and one of its convolutional layers.
+
+    Implements Selvaraju et al. (ICCV 2017 / IJCV 2019), §3: for a target
+    score y^c taken *before* the softmax, the neuron importances are the
+    spatial mean of the gradients, `α_k^c = 1/Z Σ_ij ∂y^c/∂A^k_ij` (eq. 1),
+    computed per image, and the map is `ReLU(Σ_k α_k^c A^k)` (eq. 2).
+
+    Build it once per model and layer and call it many times: the gradient step
+    is compiled with `tf.function` and is not retraced for batches of the same
+    image size and dtype. The user's model is never modified; it runs in
+    inference mode (Dropout off, BatchNorm with moving statistics).
+
+    Departures from the paper, all optional: `pooling="max"` (Appendix B.2.2),
+    `relu=False` (B.2.1), `absolute_gradients=True` (Table 3),
+    `counterfactual=True` (§3.3, eq. 12). A trailing sigmoid is removed like a
+    softmax (multi-label heads), which the paper does not discuss.
+
+    Args:
+        model: a Functional or Sequential `keras.Model` (nested models are fine).
+        layer: the convolutional layer to explain: a name, an `"outer/inner"`
+            path through nested models, a `Layer` object, or `None` for the last
+            layer with a 4-D output.
+        pooling: `"mean"` (eq. 1) or `"max"` pooling of the gradients.
+        relu: apply the ReLU of eq. 2.
+        counterfactual: negate the gradients (§3.3): regions whose removal would
+            raise the score.
+        absolute_gradients: pool `|∂y^c/∂A|` instead of the gradients.
+        logits: explain the score before a trailing softmax/sigmoid (paper
+            default). `False` explains the model's outputs as they are.
+        output: for multi-output models, which output class targets index (int
+            position or output name); default the first.
+        call_override: advanced: replaces layer calls in the gradient graph
+            (guided/deconv ReLU gradients, Appendix B.2.3).
+
+    Raises:
+        BackendError: Keras runs on another backend than TensorFlow.
+        UnsupportedModelError: the model is subclassed.
+        LayerNotFoundError: `layer` matches no layer; the message lists the closest.
+        NotSpatialError: the layer's output is not 4-D.
+        ValueError: an unknown option value.
+
+    Example:
+        >>> cam = tf_gradcam.GradCAM(model, layer="conv5_block3_out")
+        >>> result = cam(images)                 # predicted classes
+        >>> result.heatmaps.shape                # (batch, height, width)
+        >>> cam(images, target=281).heatmaps     # 'tabby cat' for every image
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        layer: str | keras.layers.Layer | None = None,
+        *,
+        pooling: str = "mean",
+        relu: bool = True,
+        counterfactual: bool = False,
+        absolute_gradients: bool = False,
+        logits: bool = True,
+        output: int | str | None = None,
+        call_override: CallOverride | None = None,
+    ) -> None:
+        _check_backend()
+        if pooling not in _POOLINGS:
+            raise ValueError(
+                f"`pooling` must be one of {_POOLINGS}. Received: pooling={pooling!r}."
+            )
+        if counterfactual and absolute_gradients:
+            raise ValueError(
+                "`counterfactual=True` with `absolute_gradients=True` makes every weight "
+                "negative and every map zero; choose one of them."
+            )
+        self.model = model
+        self.pooling = pooling
+        self.relu = relu
+        self.counterfactual = counterfactual
+        self.absolute_gradients = absolute_gradients
+        self.logits = logits
+        self.output = output
+        self._layer_argument = layer
+        self._call_override = call_override
+        self._functions: dict[Any, Any] = {}
+        self._warned_degenerate = False
+        self._gradient_model: GradientModel | None = None
+        try:
+            has_inputs = model.input is not None
+        except (AttributeError, ValueError):
+            has_inputs = False
+        if has_inputs or not isinstance(model, keras.Sequential):
+            self._gradient_model = self._build(None)
+
+    # ------------------------------------------------------------------ build
+
+    def _build(self, sample_shape: tuple[int, ...] | None) -> GradientModel:
+        return build_gradient_model(
+            self.model,
+            self._layer_argument,
+            logits=self.logits,
+            call_override=self._call_override,
+            sample_shape=sample_shape,
+        )
+
+    @property
+    def gradient_model(self) -> GradientModel:
+        """The functional model exposing `(activations, outputs)` (built on first use)."""
+        if self._gradient_model is None:
+            raise InputError(
+                "This GradCAM has not seen images yet and the model has no defined "
+                "inputs; call it on a batch first."
+            )
+        return self._gradient_model
+
+    @property
+    def layer(self) -> str:
+        """Path of the explained layer."""
+        return self.gradient_model.layer_path
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the compiled step has been traced (for retrace checks)."""
+        return sum(f.experimental_get_tracing_count() for f in self._functions.values())
+
+    # ------------------------------------------------------------- the steps
+
+    def _scored_output(self, outputs: Any) -> tf.Tensor:
+        """The (batch, classes) output that class targets index."""
+        if isinstance(outputs, dict):
+            if self.output is None:
+                key = next(iter(outputs))
+            elif self.output in outputs:
+                key = self.output
+            else:
+                raise TargetError(
+                    f"`output={self.output!r}` names no output; the model's outputs are "
+                    f"{list(outputs)}."
+                )
+            scored = outputs[key]
+        elif isinstance(outputs, (list, tuple)):
+            index = 0 if self.output is None else self.output
+            if not isinstance(index, int) or not -len(outputs) <= index < len(outputs):
+                raise TargetError(
+                    f"`output={self.output!r}` is not a valid position among the model's "
+                    f"{len(outputs)} outputs."
+                )
+            scored = outputs[index]
+        else:
+            scored = outputs
+        if len(scored.shape) != 2:
+            raise TargetError(
+                f"Class targets need an output of shape (batch, classes); the scored "
+                f"output has shape {tuple(scored.shape)}. Pass a callable target that "
+                "returns one score per image, e.g. target=lambda out: out[:, 0, 3]."
+            )
+        return scored
+
+    def _num_classes(self) -> int | None:
+        outputs = self.gradient_model.output_structure
+        try:
+            return self._scored_output(outputs).shape[-1]
+        except TargetError:
+            return None
+
+    def target_scores(
+        self, outputs: Any, classes: tf.Tensor, spec: TargetSpec
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Scores y^c `(batch,)` or `(batch, k)` and their class indices."""
+        if spec.kind == "callable":
+            scores = spec.fn(outputs)
+            scores = tf.convert_to_tensor(scores)
+            if len(scores.shape) != 1:
+                raise TargetError(
+                    "A callable target must return one score per image, shape (batch,); "
+                    f"it returned shape {tuple(scores.shape)}."
+                )
+            return scores, tf.fill(tf.shape(scores), -1)
+        scored = self._scored_output(outputs)
+        if spec.kind == "top_k":
+            scores, top = tf.math.top_k(scored, k=spec.k)
+            return scores, tf.cast(top, tf.int32)
+        if spec.kind == "predicted":
+            classes = tf.cast(tf.argmax(scored, axis=-1), tf.int32)
+        scores = tf.gather(scored, classes, axis=1, batch_dims=1)
+        return scores, classes
+
+    def gradients(
+        self, inputs: Any, classes: tf.Tensor, spec: TargetSpec
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """One forward pass, then ∂y^c/∂A for each of the k targets.
+
+        Returns:
+            `(activations, gradients, scores, classes)`; activations are
+            `(batch, h, w, channels)` float32, gradients `(batch, k, h, w, channels)`.
+        """
+        gradient_model = self.gradient_model
+        with tf.GradientTape(persistent=spec.k > 1) as tape:
+            activations, outputs = gradient_model(inputs)
+            tape.watch(activations)
+            scores, resolved = self.target_scores(outputs, classes, spec)
+            # per-target slices are taken under the tape so they are differentiable
+            columns = [scores] if spec.k == 1 else [scores[:, j] for j in range(spec.k)]
+        grads = [tape.gradient(column, activations) for column in columns]
+        del tape
+        if any(g is None for g in grads):
+            raise NoGradientError(
+                f"The target score does not depend on layer {gradient_model.layer_path!r} "
+                "(no gradient path). Choose a layer the scored output is computed from, "
+                "or another output/target."
+            )
+        activations = tf.cast(activations, tf.float32)
+        grads = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
+        if gradient_model.channels_first:
+            activations = tf.transpose(activations, [0, 2, 3, 1])
+            grads = tf.transpose(grads, [0, 1, 3, 4, 2])
+        if spec.kind != "top_k":
+            scores = scores[:, None]
+            resolved = resolved[:, None]
+        return activations, grads, tf.cast(scores, tf.float32), resolved
+
+    def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        """Neuron importances α `(batch, k, channels)` from the gradients (eq. 1).
+
+        Subclasses override this one step to define other CAM variants.
+        """
+        if self.absolute_gradients:
+            gradients = tf.abs(gradients)
+        if self.counterfactual:
+            gradients = -gradients
+        if self.pooling == "max":
+            return tf.reduce_max(gradients, axis=[2, 3])
+        return tf.reduce_mean(gradients, axis=[2, 3])
+
+    def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
+        activations, grads, scores, resolved = self.gradients(inputs, classes, spec)
+        weights = self.channel_weights(activations, grads)
+        raw = tf.einsum("nhwc,nkc->nkhw", activations, weights)
+        maps = tf.nn.relu(raw) if self.relu else raw
+        size = tf.shape(_spatial_input(inputs))[1:3]
+        heatmaps, degenerate = normalize_maps(upsample_maps(maps, size), signed=not self.relu)
+        finite = tf.reduce_all(tf.math.is_finite(raw), axis=[2, 3])
+        clean = tf.where(tf.math.is_finite(raw), raw, 0.0)
+        return {
+            "heatmaps": heatmaps,
+            "maps": tf.nn.relu(clean) if self.relu else clean,
+            "raw_maps": clean,
+            "weights": tf.where(tf.math.is_finite(weights), weights, 0.0),
+            "scores": scores,
+            "classes": resolved,
+            "degenerate": tf.logical_or(degenerate, tf.logical_not(finite)),
+        }
+
+    # --------------------------------------------------------------- calling
+
+    def _prepare(self, images: Any) -> Any:
+        """Validate images against the model's inputs; return float tensors."""
+        if self._gradient_model is None:
+            array = np.asarray(images)
+            if array.ndim < 2:
+                raise InputError(
+                    f"`images` must be a batch (batch, height, width, channels). Received "
+                    f"shape {array.shape}."
+                )
+            self._gradient_model = self._build(tuple(array.shape))
+        specs = self._gradient_model.inputs
+        leaves = keras.tree.flatten(specs)
+        if isinstance(images, dict):
+            given = [images[k] for k in specs] if isinstance(specs, dict) else None
+            if given is None:
+                raise InputError("`images` is a dict but the model's inputs are not named.")
+        elif isinstance(images, (list, tuple)) and len(leaves) > 1:
+            given = list(images)
+        else:
+            given = [images]
+        if len(given) != len(leaves):
+            raise InputError(
+                f"The model takes {len(leaves)} inputs; received {len(given)}. Pass a list "
+                "(or dict) with one array per input, e.g. [images, questions]."
+            )
+        prepared = [_prepare_leaf(value, spec) for value, spec in zip(given, leaves, strict=True)]
+        batch = {int(p.shape[0]) for p in prepared if p.shape[0] is not None}
+        if len(batch) > 1:
+            raise InputError(f"The inputs have different batch sizes: {sorted(batch)}.")
+        return keras.tree.pack_sequence_as(specs, prepared)
+
+    def _function(self, inputs: Any, spec: TargetSpec) -> Callable:
+        signature = keras.tree.map_structure(
+            lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inputs
+        )
+        key = (spec.kind, spec.k, spec.fn, _signature_key(signature))
+        function = self._functions.get(key)
+        if function is None:
+            step_spec = replace(spec, classes=np.zeros((0,), np.int32))
+            # A partial (not a closure) keeps TensorFlow's "frequent retracing"
+            # detector from pooling the traces of different GradCAM objects.
+            function = tf.function(
+                functools.partial(_step, self, step_spec),
+                input_signature=[signature, tf.TensorSpec((None,), tf.int32)],
+                autograph=False,
+            )
+            self._functions[key] = function
+        return function
+
+    def compute(self, images: Any, target: Target = None) -> Explanation:
+        """Like calling the object, but returns `tf.Tensor` fields.
+
+        Use it inside a `tf.function` or under a `tf.GradientTape` (the maps are
+        differentiable with respect to the inputs).
+
+        Args:
+            images: `(batch, height, width, channels)` array or tensor; a list/dict
+                of arrays for multi-input models.
+            target: what to explain; see `tf_gradcam.targets`.
+
+        Returns:
+            An `Explanation` with `tf.Tensor` fields.
+
+        Raises:
+            InputError: wrong rank, shape, channels or non-finite values.
+            TargetError: class out of range or unsupported target.
+            NoGradientError: the target does not depend on the layer.
+
+        Example:
+            >>> with tf.GradientTape() as tape:
+            ...     tape.watch(x)
+            ...     heat = cam.compute(x, target=3).heatmaps
+        """
+        inputs = self._prepare(images)
+        batch = int(keras.tree.flatten(inputs)[0].shape[0])
+        spec = resolve_target(target, batch, self._num_classes())
+        result = self._function(inputs, spec)(inputs, tf.constant(spec.classes))
+        if spec.kind != "top_k":
+            result = {key: value[:, 0] for key, value in result.items()}
+        classes = None if spec.kind == "callable" else result["classes"]
+        if not self._warned_degenerate and bool(tf.reduce_any(result["degenerate"])):
+            self._warned_degenerate = True
+            count = int(tf.reduce_sum(tf.cast(result["degenerate"], tf.int32)))
+            warnings.warn(
+                f"{count} Grad-CAM map(s) at layer {self.layer!r} are all zero: no region "
+                "has a positive influence on the target (see `Explanation.degenerate`). "
+                "Try an earlier layer, another class, or `counterfactual=True`. "
+                "This warning is shown once.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return Explanation(
+            heatmaps=result["heatmaps"],
+            maps=result["maps"],
+            raw_maps=result["raw_maps"],
+            weights=result["weights"],
+            scores=result["scores"],
+            classes=classes,
+            degenerate=result["degenerate"],
+            layer=self.layer,
+        )
+
+    def __call__(self, images: Any, target: Target = None) -> Explanation:
+        """Explain a batch of images.
+
+        Args:
+            images: `(batch, height, width, channels)` array (a single
+                `(height, width, channels)` image is treated as a batch of one);
+                a list/dict of arrays for multi-input models.
+            target: `None` (predicted class), an int, one int per image,
+                `TopK(k)`, or a callable `outputs -> (batch,)` score.
+
+        Returns:
+            An `Explanation` of NumPy arrays.
+
+        Raises:
+            InputError: wrong rank, shape, channels or non-finite values.
+            TargetError: class out of range or unsupported target.
+            NoGradientError: the target does not depend on the layer.
+
+        Example:
+            >>> cam(images, target=TopK(5)).heatmaps.shape  # (batch, 5, H, W)
+        """
+        return self.compute(images, target).numpy()
+
+
+def _step(cam: GradCAM, spec: TargetSpec, inputs: Any, classes: tf.Tensor) -> dict:
+    return cam._explain_batch(inputs, classes, spec)
+
+
+def _signature_key(signature: Any) -> tuple:
+    return tuple((tuple(s.shape.as_list()), s.dtype.name) for s in keras.tree.flatten(signature))
+
+
+def _prepare_leaf(value: Any, spec: Any) -> tf.Tensor:
+    """Check one input array against its `keras.Input` and convert it."""
+    expected = tuple(spec.shape)
+    if isinstance(value, tf.Tensor) and not tf.executing_eagerly():
+        return tf.cast(value, spec.dtype)  # graph mode: static checks only
+    array = value.numpy() if isinstance(value, tf.Tensor) else np.asarray(value)
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise InputError(
+            f"Images must be numeric arrays. Received dtype {array.dtype} with shape {array.shape}."
+        )
+    if array.ndim == len(expected) - 1:
+        array = array[None]
+    if array.ndim != len(expected):
+        raise InputError(
+            f"Expected a batch of rank {len(expected)} shaped like {expected}; received "
+            f"an array of shape {array.shape} (rank {array.ndim})."
+        )
+    if array.shape[0] == 0:
+        raise InputError("Received an empty batch (0 images).")
+    if len(expected) == 4 and expected[-1] is not None and array.shape[-1] != expected[-1]:
+        raise InputError(
+            f"The model expects {expected[-1]} channels; the images have "
+            f"{array.shape[-1]} (shape {array.shape}). Convert them, e.g. grayscale→RGB "
+            "with np.repeat(images, 3, axis=-1)."
+        )
+    for axis, (want, got) in enumerate(zip(expected[1:], array.shape[1:], strict=True), start=1):
+        if want is not None and want != got:
+            raise InputError(
+                f"Input axis {axis} has size {got} but the model expects {want}: "
+                f"expected shape {expected}, received {array.shape}. Resize the images "
+                "to the model's input size."
+            )
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InputError(
+            f"The images contain {bad} non-finite value(s) (NaN or inf); Grad-CAM needs "
+            "finite inputs."
+        )
+    return tf.convert_to_tensor(array, dtype=spec.dtype)
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def explain(
+    model: keras.Model,
+    images: Any,
+    target: Target = None,
+    layer: str | keras.layers.Layer | None = None,
+    **options: Any,
+) -> Explanation:
+    """Grad-CAM in one call: `GradCAM(model, layer, **options)(images, target)`.
+
+    The `GradCAM` object is cached per model, layer and options, so repeated
+    calls do not rebuild or retrace.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`.
+        images: `(batch, height, width, channels)` array, or a list/dict for
+            multi-input models.
+        target: `None`, an int, one int per image, `TopK(k)`, or a callable.
+        layer: name, path, `Layer` or `None` (automatic).
+        **options: keyword options of `GradCAM`.
+
+    Returns:
+        An `Explanation` of NumPy arrays.
+
+    Raises:
+        The errors of `GradCAM` and `GradCAM.__call__`.
+
+    Example:
+        >>> result = tf_gradcam.explain(model, images, target=3)
+        >>> result.heatmaps.shape
+        (8, 224, 224)
+    """
+    layer_key = id(layer) if isinstance(layer, keras.layers.Layer) else layer
+    key = (layer_key, tuple(sorted(options.items(), key=lambda kv: kv[0])))
+    try:
+        per_model = _CACHE.setdefault(model, {})
+        cam = per_model.get(key)
+    except TypeError:  # unhashable option values
+        per_model, cam = None, None
+    if cam is None:
+        cam = GradCAM(model, layer, **options)
+        if per_model is not None:
+            per_model[key] = cam
+    return cam(images, target)

@@ -1,0 +1,423 @@
+"""Find the layer to explain and build the gradient model that exposes it.
+
+Grad-CAM needs two things from one forward pass: the activations ``A`` of an
+inner layer and the target score computed *from* them. The widely copied
+``keras.Model(model.inputs, [layer.output, model.output])`` breaks on nested
+models ("Graph disconnected") and on Sequential models without inputs. This
+module instead *re-runs the model's graph* on fresh inputs, layer by layer,
+descending into nested Functional and Sequential models at any depth, and
+records every layer's output on the way. The result is a functional
+"gradient model" that shares the user's layers and weights.
+
+The user's model is never modified: every user layer is called through a thin
+`_LayerCall` wrapper, so no Keras graph nodes are added to the user's layers
+(``layer.output`` keeps working), and a layer whose activation must differ
+(the trailing softmax, or a guided ReLU) runs with that activation only while
+the wrapper traces it, under a lock, and is restored at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+
+from tf_gradcam.errors import (
+    LayerNotFoundError,
+    NotSpatialError,
+    UnsupportedModelError,
+)
+
+__all__ = [
+    "CallOverride",
+    "GradientModel",
+    "build_gradient_model",
+    "call_with_activation",
+    "layer_paths",
+]
+
+#: Activations that turn scores into probabilities; the paper's y^c is taken before them.
+_SQUASHING_ACTIVATIONS = ("softmax", "sigmoid")
+
+# One lock for every activation swap: wrappers may be traced from several
+# threads at once (tf.distribute replicas).
+_SWAP_LOCK = threading.RLock()
+
+#: A function that may replace a layer's call: given the user's layer, return
+#: ``None`` to call it as it is, or a callable run *instead of* ``layer(...)``.
+CallOverride = Callable[[keras.layers.Layer], "Callable[..., Any] | None"]
+
+
+def _is_expandable(layer: keras.layers.Layer) -> bool:
+    """Whether the layer is a model whose inner graph we can re-run."""
+    return isinstance(layer, keras.Sequential) or _is_functional(layer)
+
+
+def _is_functional(layer: keras.layers.Layer) -> bool:
+    """Whether the layer is a functional model (keras.Model(inputs, outputs) or a subclass)."""
+    return isinstance(layer, keras.Model) and any(
+        cls.__name__ == "Functional" for cls in type(layer).__mro__
+    )
+
+
+def _activation_name(layer: keras.layers.Layer) -> str | None:
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    return getattr(activation, "__name__", None)
+
+
+def is_squashing_head(layer: keras.layers.Layer) -> bool:
+    """Whether the layer ends in softmax/sigmoid, so its pre-activation scores exist."""
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    return _activation_name(layer) in _SQUASHING_ACTIVATIONS
+
+
+def call_with_activation(
+    layer: keras.layers.Layer, activation: Callable[..., Any]
+) -> Callable[..., Any]:
+    """A function that calls `layer` as if its activation were `activation`.
+
+    The swap happens only while the function runs (inside the gradient model's
+    trace), under a lock, and the layer's own activation is restored in
+    `finally`; use it from a `call_override`. A `Softmax` layer, which has no
+    activation attribute, is treated as its identity when `activation` is linear.
+
+    Args:
+        layer: a layer with an `activation` attribute (Dense, Conv*, Activation).
+        activation: the function to apply instead.
+
+    Returns:
+        A callable with the layer's call signature.
+
+    Example:
+        >>> logits = call_with_activation(dense, keras.activations.linear)(features)
+    """
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if isinstance(layer, keras.layers.Softmax):
+            return activation(args[0])
+        with _SWAP_LOCK:
+            original = layer.activation
+            # Layer.__setattr__ is bypassed so Keras' attribute tracking never
+            # sees the temporary function; the original is restored in `finally`.
+            object.__setattr__(layer, "activation", activation)
+            try:
+                return layer(*args, **kwargs)
+            finally:
+                object.__setattr__(layer, "activation", original)
+
+    return run
+
+
+class _LayerCall(keras.layers.Layer):
+    """Calls a user layer on behalf of the gradient model.
+
+    Being a layer of its own, it keeps Keras from adding graph nodes to the
+    user's layer when the gradient model is built. With `replace` set, that
+    callable runs instead of the layer (a guided ReLU, the logits of a softmax
+    head); it must compute from the user's layer and its weights.
+    """
+
+    def __init__(
+        self, layer: keras.layers.Layer, *, replace: Callable[..., Any] | None = None
+    ) -> None:
+        super().__init__(name=f"{layer.name}_call", dtype=layer.dtype_policy, autocast=False)
+        self.wrapped = layer
+        self._replace = replace
+        self.built = True
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        if self._replace is not None:
+            return self._replace(*args, **kwargs)
+        return self.wrapped(*args, **kwargs)
+
+
+@dataclass
+class _Rewiring:
+    """State of one pass that re-runs a model's graph on fresh inputs."""
+
+    call_override: CallOverride | None = None
+    outputs: dict[str, list[Any]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    layers: dict[str, keras.layers.Layer] = field(default_factory=dict)
+    logits: dict[int, Any] = field(default_factory=dict)
+
+    def run(self, model: keras.Model, inputs: Any, prefix: str) -> Any:
+        if isinstance(model, keras.Sequential):
+            x = inputs
+            for layer in model.layers:
+                x = self.call(layer, (x,), {}, prefix)
+            return x
+        new_model = keras.models.clone_model(
+            model,
+            input_tensors=inputs,
+            clone_function=_LayerCall,
+            call_function=lambda wrapper, *a, **k: self.call(wrapper.wrapped, a, k, prefix),
+        )
+        return new_model.output
+
+    def call(self, layer: keras.layers.Layer, args: tuple, kwargs: dict, prefix: str) -> Any:
+        path = f"{prefix}{layer.name}"
+        if _is_expandable(layer):
+            inner_inputs = args[0] if len(args) == 1 else list(args)
+            y = self.run(layer, inner_inputs, prefix=f"{path}/")
+        else:
+            replacement = self.call_override(layer) if self.call_override else None
+            y = _LayerCall(layer, replace=replacement)(*args, **kwargs)
+            if is_squashing_head(layer) and not isinstance(y, (list, tuple, dict)):
+                linear = call_with_activation(layer, keras.activations.linear)
+                self.logits[id(y)] = _LayerCall(layer, replace=linear)(*args, **kwargs)
+        if path not in self.outputs:
+            self.order.append(path)
+        self.outputs.setdefault(path, []).append(y)
+        self.layers[path] = layer
+        return y
+
+
+class GradientModel:
+    """The re-run graph of a model: its inputs, every layer's output, the scores.
+
+    Built once by `build_gradient_model`. `model(inputs)` returns the
+    activations of the chosen layer (or `None`) and the model's outputs, with a
+    trailing softmax/sigmoid removed when ``logits=True``.
+
+    Attributes:
+        layer_path: `"outer/inner/layer"` path of the explained layer, or `None`.
+        keras_model: the functional model computing `[activations, *outputs]`.
+        inputs: the symbolic inputs, in the structure of the user's model.
+        output_structure: a sample of the output structure (tensor, list or dict).
+        channels_first: whether the layer's activations are (batch, channels, h, w).
+    """
+
+    def __init__(
+        self,
+        keras_model: keras.Model,
+        *,
+        layer_path: str | None,
+        output_structure: Any,
+        channels_first: bool,
+    ) -> None:
+        self.keras_model = keras_model
+        self.layer_path = layer_path
+        self.output_structure = output_structure
+        self.channels_first = channels_first
+
+    @property
+    def inputs(self) -> Any:
+        return self.keras_model.input
+
+    def __call__(self, inputs: Any) -> tuple[Any, Any]:
+        values = self.keras_model(inputs, training=False)
+        flat = list(values) if isinstance(values, (list, tuple)) else [values]
+        if self.layer_path is None:
+            activations, flat_outputs = None, flat
+        else:
+            activations, flat_outputs = flat[0], flat[1:]
+        outputs = keras.tree.pack_sequence_as(self.output_structure, flat_outputs)
+        return activations, outputs
+
+
+def _fresh_inputs(model: keras.Model, sample_shape: tuple[int, ...] | None) -> Any:
+    """New `keras.Input`s with the model's input structure and a free batch size."""
+    try:
+        reference = model.input
+    except (AttributeError, ValueError):
+        reference = None
+    if reference is None:
+        if sample_shape is None:
+            raise UnsupportedModelError(
+                f"Model {model.name!r} has no defined inputs yet (a Sequential model built "
+                "without `keras.Input`). Call it once on a batch, declare "
+                "`keras.Input(shape)` as its first layer, or pass images so the input "
+                "shape can be inferred."
+            )
+        return keras.Input(shape=tuple(sample_shape[1:]), dtype=model.dtype)
+    return keras.tree.map_structure(
+        lambda x: keras.Input(shape=tuple(x.shape[1:]), dtype=x.dtype), reference
+    )
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(
+            f"`model` must be a keras.Model. Received: model={type(model).__name__}."
+        )
+    if not _is_expandable(model):
+        raise UnsupportedModelError(
+            f"Model {model.name!r} is a subclassed keras.Model ({type(model).__name__}); "
+            "its call() hides the inner layers Grad-CAM needs. Build it as a functional "
+            "model (keras.Model(inputs, outputs)) or keras.Sequential, e.g. by calling its "
+            "layers on `keras.Input` tensors, then explain that model; its weights are shared."
+        )
+
+
+def _rewire(
+    model: keras.Model, sample_shape: tuple[int, ...] | None, call_override: CallOverride | None
+) -> tuple[_Rewiring, Any, Any]:
+    _check_model(model)
+    inputs = _fresh_inputs(model, sample_shape)
+    rewiring = _Rewiring(call_override=call_override)
+    outputs = rewiring.run(model, inputs, prefix="")
+    return rewiring, inputs, outputs
+
+
+def layer_paths(model: keras.Model, *, spatial_only: bool = False) -> list[str]:
+    """Paths of the model's layers, nested models expanded, in call order.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`.
+        spatial_only: keep only layers with a 4-D `(batch, height, width, channels)` output.
+
+    Returns:
+        Paths such as `"resnet50/conv5_block3_out"`; top-level layers have no prefix.
+
+    Raises:
+        UnsupportedModelError: for subclassed models.
+
+    Example:
+        >>> layer_paths(model, spatial_only=True)[-1]
+        'conv2d_2'
+    """
+    rewiring, _, _ = _rewire(model, None, None)
+    paths = rewiring.order
+    if spatial_only:
+        paths = [p for p in paths if _is_spatial(rewiring.outputs[p][0])]
+    return paths
+
+
+def _is_spatial(tensor: Any) -> bool:
+    shape = getattr(tensor, "shape", None)
+    return shape is not None and len(shape) == 4
+
+
+def _resolve_path(
+    model: keras.Model, layer: str | keras.layers.Layer | None, rewiring: _Rewiring
+) -> str:
+    """Turn the user's `layer` argument into a path of the rewired graph."""
+    paths = rewiring.order
+    if layer is None:
+        candidates = [
+            p
+            for p in paths
+            if _is_spatial(rewiring.outputs[p][0])
+            and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
+            and not _is_expandable(rewiring.layers[p])
+        ]
+        if not candidates:
+            raise NotSpatialError(
+                f"Model {model.name!r} has no layer with a 4-D (batch, height, width, "
+                "channels) output, so there is no convolutional feature map to explain. "
+                "Grad-CAM needs a convolutional layer; pass `layer=` explicitly if one "
+                "exists inside a layer this library cannot open."
+            )
+        return candidates[-1]
+    if isinstance(layer, keras.layers.Layer):
+        matches = [p for p in paths if rewiring.layers[p] is layer]
+        if not matches:
+            raise LayerNotFoundError(
+                f"Layer {layer.name!r} is not part of model {model.name!r}. Received: "
+                f"layer={layer!r}. Pass one of the model's layers or its name."
+            )
+        return matches[0]
+    if not isinstance(layer, str):
+        raise LayerNotFoundError(
+            f"`layer` must be a name, a path 'outer/inner', a keras Layer or None. "
+            f"Received: layer={layer!r} of type {type(layer).__name__}."
+        )
+    if layer in rewiring.outputs:
+        return layer
+    by_name = [p for p in paths if p.rsplit("/", 1)[-1] == layer]
+    if len(by_name) == 1:
+        return by_name[0]
+    if len(by_name) > 1:
+        raise LayerNotFoundError(
+            f"Layer name {layer!r} is ambiguous in model {model.name!r}: it matches "
+            f"{by_name}. Pass the full path instead, e.g. layer={by_name[-1]!r}."
+        )
+    close = difflib.get_close_matches(
+        layer, paths + [p.rsplit("/", 1)[-1] for p in paths], n=5, cutoff=0.4
+    )
+    spatial = [p for p in paths if _is_spatial(rewiring.outputs[p][0])][-8:]
+    hint = f" Closest names: {close}." if close else ""
+    raise LayerNotFoundError(
+        f"No layer {layer!r} in model {model.name!r}.{hint} Layers with a spatial "
+        f"(4-D) output, last ones: {spatial}."
+    )
+
+
+def build_gradient_model(
+    model: keras.Model,
+    layer: str | keras.layers.Layer | None = None,
+    *,
+    logits: bool = True,
+    expose_layer: bool = True,
+    call_override: CallOverride | None = None,
+    sample_shape: tuple[int, ...] | None = None,
+) -> GradientModel:
+    """Build the model that returns a layer's activations together with the scores.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`, possibly with nested models.
+        layer: name, `"outer/inner"` path, `Layer` object, or `None` for the last layer
+            with a 4-D output (searching inside nested models).
+        logits: remove a trailing softmax/sigmoid from the outputs (the paper's y^c is
+            the score *before* the softmax). The user's model is not changed.
+        expose_layer: when `False`, only the outputs are computed (guided backprop).
+        call_override: optional function returning a replacement call for a layer
+            (used for guided/deconv ReLU).
+        sample_shape: shape of a batch, used when the model has no defined inputs.
+
+    Returns:
+        A `GradientModel`.
+
+    Raises:
+        UnsupportedModelError: subclassed models, unbuilt Sequential models.
+        LayerNotFoundError: unknown or ambiguous layer, with the closest names.
+        NotSpatialError: the layer's output is not `(batch, height, width, channels)`.
+
+    Example:
+        >>> gm = build_gradient_model(model, "conv2d_1")
+        >>> activations, scores = gm(images)
+    """
+    rewiring, inputs, outputs = _rewire(model, sample_shape, call_override)
+    flat_outputs = keras.tree.flatten(outputs)
+    if logits:
+        flat_outputs = [rewiring.logits.get(id(t), t) for t in flat_outputs]
+
+    path = None
+    channels_first = False
+    exposed: list[Any] = []
+    if expose_layer:
+        path = _resolve_path(model, layer, rewiring)
+        calls = rewiring.outputs[path]
+        if len(calls) > 1:
+            raise LayerNotFoundError(
+                f"Layer {path!r} is called {len(calls)} times in model {model.name!r} "
+                "(a shared layer), so its activations are ambiguous. Choose a layer "
+                "that is called once."
+            )
+        activation = calls[0]
+        if isinstance(activation, (list, tuple, dict)) or not _is_spatial(activation):
+            shape = getattr(activation, "shape", "several tensors")
+            raise NotSpatialError(
+                f"Layer {path!r} has output shape {shape}; Grad-CAM needs a 4-D "
+                "(batch, height, width, channels) convolutional feature map. "
+                "Choose a convolutional layer, e.g. "
+                f"{[p for p in rewiring.order if _is_spatial(rewiring.outputs[p][0])][-3:]}."
+            )
+        channels_first = getattr(rewiring.layers[path], "data_format", None) == "channels_first"
+        exposed = [activation]
+
+    keras_model = keras.Model(inputs, exposed + flat_outputs, name=f"{model.name}_gradcam")
+    return GradientModel(
+        keras_model,
+        layer_path=path,
+        output_structure=outputs,
+        channels_first=channels_first,
+    )

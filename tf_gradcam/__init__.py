@@ -18,6 +18,7 @@ from tf_gradcam.errors import (
     UnsupportedModelError,
 )
 from tf_gradcam.gradcam import Explanation, GradCAM, explain
+from tf_gradcam.image import overlay
 from tf_gradcam.submodel import layer_paths
 from tf_gradcam.targets import TopK
 
@@ -38,4 +39,5 @@ __all__ = [
     "__version__",
     "explain",
     "layer_paths",
+    "overlay",
 ]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-__all__ = ["normalize_maps", "upsample_maps"]
+__all__ = ["normalize_maps", "overlay", "upsample_maps"]
 
 
 def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
@@ -64,3 +65,61 @@ def normalize_maps(maps: Any, *, signed: bool = False) -> tuple[tf.Tensor, tf.Te
     scaled = tf.clip_by_value(scaled, 0.0, 1.0)
     degenerate = tf.logical_or(tf.logical_not(finite), tf.logical_not(ok[..., 0, 0]))
     return scaled, degenerate
+
+
+def overlay(
+    images: Any,
+    heatmaps: Any,
+    *,
+    alpha: float = 0.4,
+    colormap: str = "jet",
+) -> np.ndarray:
+    """Blend colour-mapped heatmaps onto images.
+
+    Args:
+        images: `(batch, height, width, channels)` or one `(height, width,
+            channels)` image; float in [0, 1] or uint8 in [0, 255]; 1 or 3
+            channels (grayscale is repeated to RGB).
+        heatmaps: `(batch, height, width)` or `(height, width)` maps in [0, 1]
+            at the images' size (e.g. `Explanation.heatmaps`).
+        alpha: weight of the heatmap colour in the blend, in [0, 1].
+        colormap: a Matplotlib colormap name (`"jet"`, the paper's, by default).
+
+    Returns:
+        uint8 RGB array `(batch, height, width, 3)` (or `(height, width, 3)`
+        for a single image): `(1 - alpha) * image + alpha * colormap(heatmap)`.
+
+    Raises:
+        ValueError: shapes that do not match, or `alpha` outside [0, 1].
+
+    Example:
+        >>> rgb = overlay(images, cam(images).heatmaps)
+        >>> rgb.dtype, rgb.shape
+        (dtype('uint8'), (8, 224, 224, 3))
+    """
+    from matplotlib import colormaps
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1]. Received: alpha={alpha}.")
+    images = np.asarray(images)
+    heatmaps = np.asarray(heatmaps, np.float32)
+    single = heatmaps.ndim == 2
+    if single:
+        images, heatmaps = images[None], heatmaps[None]
+    if images.ndim == 3:  # (batch, h, w) grayscale
+        images = images[..., None]
+    if images.shape[:3] != heatmaps.shape:
+        raise ValueError(
+            f"`images` {images.shape} and `heatmaps` {heatmaps.shape} must share batch, "
+            "height and width; upsample the maps first (Explanation.heatmaps already is)."
+        )
+    base = images.astype(np.float32)
+    if images.dtype == np.uint8 or base.max(initial=0.0) > 1.0:
+        base = base / 255.0
+    if base.shape[-1] == 1:
+        base = np.repeat(base, 3, axis=-1)
+    base = np.clip(base[..., :3], 0.0, 1.0)
+    colours = colormaps[colormap](np.clip(np.nan_to_num(heatmaps), 0.0, 1.0))[..., :3]
+    blended = (1.0 - alpha) * base + alpha * colours
+    out = np.round(blended * 255.0).astype(np.uint8)
+    return out[0] if single else out

@@ -422,13 +422,21 @@ class GradCAM:
             ...     heat = cam.compute(x, target=3).heatmaps
         """
         inputs = self._prepare(images)
-        batch = int(keras.tree.flatten(inputs)[0].shape[0])
+        first = keras.tree.flatten(inputs)[0]
+        batch = first.shape[0]
         spec = resolve_target(target, batch, self._num_classes())
-        result = self._function(inputs, spec)(inputs, tf.constant(spec.classes))
+        classes = tf.constant(spec.classes)
+        if batch is None:  # graph mode with an unknown batch size
+            classes = tf.broadcast_to(classes, tf.shape(first)[:1])
+        result = self._function(inputs, spec)(inputs, classes)
         if spec.kind != "top_k":
             result = {key: value[:, 0] for key, value in result.items()}
         classes = None if spec.kind == "callable" else result["classes"]
-        if not self._warned_degenerate and bool(tf.reduce_any(result["degenerate"])):
+        if (
+            tf.executing_eagerly()
+            and not self._warned_degenerate
+            and bool(tf.reduce_any(result["degenerate"]))
+        ):
             self._warned_degenerate = True
             count = int(tf.reduce_sum(tf.cast(result["degenerate"], tf.int32)))
             warnings.warn(
@@ -520,6 +528,8 @@ def _prepare_leaf(value: Any, spec: Any) -> tf.Tensor:
             f"The images contain {bad} non-finite value(s) (NaN or inf); Grad-CAM needs "
             "finite inputs."
         )
+    if isinstance(value, tf.Tensor) and value.shape.rank == len(expected):
+        return tf.cast(value, spec.dtype)  # keep the tensor: differentiable inputs
     return tf.convert_to_tensor(array, dtype=spec.dtype)
 
 

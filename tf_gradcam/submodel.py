@@ -154,13 +154,20 @@ class _Rewiring:
             for layer in model.layers:
                 x = self.call(layer, (x,), {}, prefix)
             return x
-        new_model = keras.models.clone_model(
-            model,
-            input_tensors=inputs,
-            clone_function=_LayerCall,
-            call_function=lambda wrapper, *a, **k: self.call(wrapper.wrapped, a, k, prefix),
+        # Functional models: walk their graph node by node. `_run_through_graph`
+        # is what `Functional.call` itself runs; unlike `keras.models.clone_model`
+        # it also accepts tensors of an enclosing graph, which nested models need.
+        run_graph = getattr(model, "_run_through_graph", None)
+        if run_graph is None:  # pragma: no cover - guards a future Keras change
+            raise UnsupportedModelError(
+                f"This Keras version ({keras.__version__}) does not expose the graph of "
+                f"functional model {model.name!r}; tf_gradcam supports Keras >= 3.14."
+            )
+        return run_graph(
+            inputs,
+            operation_fn=lambda layer: layer,
+            call_fn=lambda layer, *a, **k: self.call(layer, a, k, prefix),
         )
-        return new_model.output
 
     def call(self, layer: keras.layers.Layer, args: tuple, kwargs: dict, prefix: str) -> Any:
         path = f"{prefix}{layer.name}"

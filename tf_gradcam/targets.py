@@ -81,12 +81,13 @@ def _check_class_range(classes: np.ndarray, num_classes: int | None) -> None:
         )
 
 
-def resolve_target(target: Target, batch_size: int, num_classes: int | None) -> TargetSpec:
+def resolve_target(target: Target, batch_size: int | None, num_classes: int | None) -> TargetSpec:
     """Validate a user target against a batch and turn it into a `TargetSpec`.
 
     Args:
         target: any accepted form (see the module docstring).
-        batch_size: number of images in the batch.
+        batch_size: number of images in the batch, or `None` when unknown (graph
+            mode): per-image lists are then not length-checked.
         num_classes: size of the class axis of the scored output, or `None` if unknown.
 
     Returns:
@@ -100,7 +101,7 @@ def resolve_target(target: Target, batch_size: int, num_classes: int | None) -> 
         >>> resolve_target(3, batch_size=2, num_classes=10).classes
         array([3, 3], dtype=int32)
     """
-    zeros = np.zeros((batch_size,), np.int32)
+    zeros = np.zeros((batch_size or 1,), np.int32)
     if target is None:
         return TargetSpec("predicted", zeros)
     if isinstance(target, TopK):
@@ -115,7 +116,7 @@ def resolve_target(target: Target, batch_size: int, num_classes: int | None) -> 
     if isinstance(target, bool):
         raise TargetError(f"`target` must be a class index, not a bool. Received: {target!r}.")
     if isinstance(target, (int, np.integer)):
-        classes = np.full((batch_size,), int(target), np.int32)
+        classes = np.full((batch_size or 1,), int(target), np.int32)
         _check_class_range(classes, num_classes)
         return TargetSpec("classes", classes)
     try:
@@ -127,7 +128,7 @@ def resolve_target(target: Target, batch_size: int, num_classes: int | None) -> 
             "`target` must be None, an int, one int per image, TopK(k) or a callable "
             f"returning one score per image. Received: target={target!r}."
         )
-    if array.shape[0] != batch_size:
+    if batch_size is not None and array.shape[0] != batch_size:
         raise TargetError(
             f"`target` gives {array.shape[0]} classes for {batch_size} images; give one "
             "class per image or a single int for all."

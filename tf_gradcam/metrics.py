@@ -484,16 +484,19 @@ def occlusion_map(
             mean).
         batch_size: number of occluded copies per model call.
         score_fn: optional function applied to the model's raw outputs to get
-            `(batch, classes)` scores, e.g. `np.log` for a model that ends in
-            softmax. Defaults to the outputs themselves.
+            `(batch, classes)` scores, e.g. `np.log` to score the
+            log-probabilities of a model that ends in softmax. Defaults to the
+            outputs themselves.
 
     Returns:
         A `float64` array of shape `(batch, height, width)`.
 
     Raises:
-        InputError: if `images` is not 4-D with finite values, or the model's
-            scores are not `(batch, classes)`.
-        TargetError: if a target class is out of range of the scores.
+        InputError: if `images` is not 4-D with finite values, `fill_value`
+            does not broadcast to a patch, or the model's scores are not
+            `(batch, classes)`.
+        TargetError: if a target class is negative or out of range of the
+            scores.
         ValueError: if `patch_size`, `stride` or `batch_size` is not a
             positive int, or the patch is larger than the image.
 
@@ -776,9 +779,9 @@ def inside_outside_ratio(heatmaps: Any, boxes: Any) -> np.ndarray:
     for i, (heatmap, region) in enumerate(zip(maps, regions, strict=True)):
         if region.all() or not region.any():
             raise InputError(
-                f"Argument `boxes` must leave pixels both inside and outside the region of "
-                f"each image, but image {i} has {np.count_nonzero(region)} of "
-                f"{region.size} pixels inside. Received: boxes[{i}]"
+                "Argument `boxes` must leave pixels both inside and outside each image's "
+                f"region. Received: a region covering {np.count_nonzero(region)} of "
+                f"{region.size} pixels for image {i}"
             )
         inside = heatmap[region].mean()
         outside = heatmap[~region].mean()

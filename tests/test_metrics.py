@@ -447,6 +447,11 @@ def test_textual_explanation_batched_named_only_and_sign_filter():
             "masks_or_boxes",
         ),
         (
+            lambda: metrics.pointing_game(np.ones((2, 4, 4)), np.ones((2, 4, 4), np.uint8)),
+            InputError,
+            "masks_or_boxes",
+        ),
+        (
             lambda: metrics.occlusion_map(
                 _linear_model(np.ones((2, 4, 4, 1))), np.ones((1, 4, 4, 1)), [2], patch_size=2
             ),

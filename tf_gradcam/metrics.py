@@ -1233,7 +1233,8 @@ def _instance_masks(item: Any, height: int, width: int, name: str, index: int) -
             f"Argument `{name}` must hold boolean masks or numeric boxes. "
             f"Received: {name}[{index}].dtype={array.dtype}"
         )
-    if array.ndim > 2 or array.shape[-1:] not in ((4,), (0,)):
+    looks_like_mask = array.ndim >= 2 and array.shape[-2:] == (height, width)
+    if looks_like_mask or array.ndim > 2 or array.shape[-1:] not in ((4,), (0,)):
         raise InputError(
             f"Argument `{name}` must hold boxes of shape (4,) or (m, 4), or boolean masks "
             f"(use `masks > 0` for 0/1 masks). Received: {name}[{index}].shape={array.shape}"

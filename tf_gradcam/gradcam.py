@@ -500,7 +500,8 @@ def _prepare_leaf(value: Any, spec: Any) -> tf.Tensor:
         raise InputError(
             f"Images must be numeric arrays. Received dtype {array.dtype} with shape {array.shape}."
         )
-    if array.ndim == len(expected) - 1:
+    added_batch = array.ndim == len(expected) - 1
+    if added_batch:
         array = array[None]
     if array.ndim != len(expected):
         raise InputError(
@@ -513,7 +514,13 @@ def _prepare_leaf(value: Any, spec: Any) -> tf.Tensor:
         raise InputError(
             f"The model expects {expected[-1]} channels; the images have "
             f"{array.shape[-1]} (shape {array.shape}). Convert them, e.g. grayscale→RGB "
-            "with np.repeat(images, 3, axis=-1)."
+            "with np.repeat(images, 3, axis=-1)"
+            + (
+                "; a (batch, height, width) grayscale batch needs a channel axis: "
+                "add a channel axis with images[..., None]."
+                if added_batch
+                else "."
+            )
         )
     for axis, (want, got) in enumerate(zip(expected[1:], array.shape[1:], strict=True), start=1):
         if want is not None and want != got:

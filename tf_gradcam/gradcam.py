@@ -421,12 +421,25 @@ class GradCAM:
             ...     tape.watch(x)
             ...     heat = cam.compute(x, target=3).heatmaps
         """
+        result, spec = self._run(images, target)
+        return self._explanation(result, spec)
+
+    def _run(self, images: Any, target: Target) -> tuple[dict, TargetSpec]:
+        """Prepare the images, resolve the target and run the compiled step.
+
+        Shared with `tf_gradcam.guided`, whose methods return other keys. The
+        `k` axis is dropped unless the target is `TopK`.
+        """
         inputs = self._prepare(images)
         batch = int(keras.tree.flatten(inputs)[0].shape[0])
         spec = resolve_target(target, batch, self._num_classes())
         result = self._function(inputs, spec)(inputs, tf.constant(spec.classes))
         if spec.kind != "top_k":
             result = {key: value[:, 0] for key, value in result.items()}
+        return result, spec
+
+    def _explanation(self, result: dict, spec: TargetSpec) -> Explanation:
+        """The `Explanation` of one `_run` result; warns once about all-zero maps."""
         classes = None if spec.kind == "callable" else result["classes"]
         if not self._warned_degenerate and bool(tf.reduce_any(result["degenerate"])):
             self._warned_degenerate = True
@@ -437,7 +450,7 @@ class GradCAM:
                 "Try an earlier layer, another class, or `counterfactual=True`. "
                 "This warning is shown once.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return Explanation(
             heatmaps=result["heatmaps"],

@@ -128,8 +128,11 @@ class GradCAM:
             default). `False` explains the model's outputs as they are.
         output: for multi-output models, which output class targets index (int
             position or output name); default the first.
-        call_override: advanced: replaces layer calls in the gradient graph
-            (guided/deconv ReLU gradients, Appendix B.2.3).
+        call_override: advanced: replaces layer calls in the gradient graph.
+        relu_gradients: `"guided"` or `"deconv"` to backpropagate through every
+            ReLU with the guided or deconvolution rule (the ablation of
+            Appendix B.2.3, `tf_gradcam.guided.ReluOverride`); `None` (default)
+            uses the true gradients.
 
     Raises:
         BackendError: Keras runs on another backend than TensorFlow.
@@ -157,8 +160,20 @@ class GradCAM:
         logits: bool = True,
         output: int | str | None = None,
         call_override: CallOverride | None = None,
+        relu_gradients: str | None = None,
     ) -> None:
         _check_backend()
+        if relu_gradients is not None:
+            if call_override is not None:
+                raise ValueError(
+                    "`relu_gradients` and `call_override` both replace layer calls; pass "
+                    f"one of them. Received: relu_gradients={relu_gradients!r} and "
+                    f"call_override={call_override!r}."
+                )
+            # Imported here: tf_gradcam.guided builds on this module.
+            from tf_gradcam.guided import ReluOverride
+
+            call_override = ReluOverride(model, relu_gradients)
         if pooling not in _POOLINGS:
             raise ValueError(
                 f"`pooling` must be one of {_POOLINGS}. Received: pooling={pooling!r}."

@@ -30,7 +30,7 @@ from tf_gradcam.guided import (
     deconv_relu,
     guided_relu,
 )
-from tf_gradcam.image import overlay
+from tf_gradcam.image import normalize_gradients, overlay
 from tf_gradcam.submodel import layer_paths
 from tf_gradcam.targets import TopK
 
@@ -61,5 +61,6 @@ __all__ = [
     "explain",
     "guided_relu",
     "layer_paths",
+    "normalize_gradients",
     "overlay",
 ]

@@ -18,6 +18,7 @@ from tf_gradcam.errors import (
     UnsupportedActivationError,
     UnsupportedModelError,
 )
+from tf_gradcam.figures import plot_fig1
 from tf_gradcam.gradcam import Explanation, GradCAM, explain
 from tf_gradcam.guided import (
     Deconvolution,
@@ -63,4 +64,5 @@ __all__ = [
     "layer_paths",
     "normalize_gradients",
     "overlay",
+    "plot_fig1",
 ]

@@ -115,10 +115,12 @@ def test_layers_swap_into_a_model_and_serialize():
     z = x @ w1 + b1
     expected = ((z > 0) * np.maximum(w2[:, 0], 0)) @ w1.T
     np.testing.assert_allclose(tape.gradient(y, xt).numpy(), expected, rtol=1e-5, atol=1e-6)
-    layer = tf_gradcam.GuidedReLU(max_value=6.0, threshold=0.5)
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(restored) is tf_gradcam.GuidedReLU
-    assert (restored.max_value, restored.threshold) == (6.0, 0.5)
+    for cls in (tf_gradcam.GuidedReLU, tf_gradcam.DeconvReLU):
+        layer = cls(max_value=6.0, threshold=0.5)
+        config = keras.saving.serialize_keras_object(layer)
+        restored = keras.saving.deserialize_keras_object(config)
+        assert type(restored) is cls
+        assert (restored.max_value, restored.threshold) == (6.0, 0.5)
 
 
 # ----------------------------------------------------------------- tiny network

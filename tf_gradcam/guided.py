@@ -227,8 +227,17 @@ def deconv_relu(
     return _rule("deconv", negative_slope, max_value, threshold)(x)
 
 
+class _ModifiedReLULayer(keras.layers.ReLU):
+    """`keras.layers.ReLU` whose backward pass follows `_mode`."""
+
+    _mode = "guided"
+
+    def call(self, inputs: Any) -> tf.Tensor:
+        return _rule(self._mode, self.negative_slope, self.max_value, self.threshold)(inputs)
+
+
 @keras.saving.register_keras_serializable(package="tf_gradcam")
-class GuidedReLU(keras.layers.ReLU):
+class GuidedReLU(_ModifiedReLULayer):
     """`keras.layers.ReLU` with Guided Backpropagation's backward pass.
 
     Same arguments, validation and forward output as `keras.layers.ReLU`, so
@@ -248,12 +257,9 @@ class GuidedReLU(keras.layers.ReLU):
 
     _mode = "guided"
 
-    def call(self, inputs: Any) -> tf.Tensor:
-        return _rule(self._mode, self.negative_slope, self.max_value, self.threshold)(inputs)
-
 
 @keras.saving.register_keras_serializable(package="tf_gradcam")
-class DeconvReLU(GuidedReLU):
+class DeconvReLU(_ModifiedReLULayer):
     """`keras.layers.ReLU` with Deconvolution's backward pass (positive gradients pass).
 
     Args:

@@ -118,9 +118,12 @@ def _true_relu_gradients() -> Iterator[None]:
         _TRUE_BACKWARD.active = previous
 
 
-def _check_mode(mode: Any, argument: str = "mode") -> None:
+def _check_mode(mode: Any) -> None:
     if mode not in _MODES:
-        raise ValueError(f"`{argument}` must be one of {_MODES}. Received: {argument}={mode!r}.")
+        raise ValueError(
+            f"The ReLU backward `mode` (GradCAM's `relu_gradients`) must be one of {_MODES}. "
+            f"Received: mode={mode!r}."
+        )
 
 
 # ------------------------------------------------------------ the ReLU rules

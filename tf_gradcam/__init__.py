@@ -15,10 +15,23 @@ from tf_gradcam.errors import (
     NoGradientError,
     NotSpatialError,
     TargetError,
+    UnsupportedActivationError,
     UnsupportedModelError,
 )
+from tf_gradcam.figures import plot_fig1
 from tf_gradcam.gradcam import Explanation, GradCAM, explain
-from tf_gradcam.image import overlay
+from tf_gradcam.guided import (
+    Deconvolution,
+    DeconvolutionGradCAM,
+    DeconvReLU,
+    GuidedBackprop,
+    GuidedGradCAM,
+    GuidedReLU,
+    PixelExplanation,
+    deconv_relu,
+    guided_relu,
+)
+from tf_gradcam.image import normalize_gradients, overlay
 from tf_gradcam.submodel import layer_paths
 from tf_gradcam.targets import TopK
 
@@ -26,18 +39,30 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "DeconvReLU",
+    "Deconvolution",
+    "DeconvolutionGradCAM",
     "Explanation",
     "GradCAM",
     "GradCAMError",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "GuidedReLU",
     "InputError",
     "LayerNotFoundError",
     "NoGradientError",
     "NotSpatialError",
+    "PixelExplanation",
     "TargetError",
     "TopK",
+    "UnsupportedActivationError",
     "UnsupportedModelError",
     "__version__",
+    "deconv_relu",
     "explain",
+    "guided_relu",
     "layer_paths",
+    "normalize_gradients",
     "overlay",
+    "plot_fig1",
 ]

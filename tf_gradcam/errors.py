@@ -15,6 +15,7 @@ __all__ = [
     "NoGradientError",
     "NotSpatialError",
     "TargetError",
+    "UnsupportedActivationError",
     "UnsupportedModelError",
 ]
 
@@ -49,3 +50,7 @@ class NoGradientError(GradCAMError):
 
 class UnsupportedModelError(GradCAMError):
     """The model's structure cannot be opened up (e.g. a subclassed model)."""
+
+
+class UnsupportedActivationError(GradCAMError):
+    """The model has activations guided backprop does not define and `strict=True`."""

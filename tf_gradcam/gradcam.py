@@ -128,8 +128,11 @@ class GradCAM:
             default). `False` explains the model's outputs as they are.
         output: for multi-output models, which output class targets index (int
             position or output name); default the first.
-        call_override: advanced: replaces layer calls in the gradient graph
-            (guided/deconv ReLU gradients, Appendix B.2.3).
+        call_override: advanced: replaces layer calls in the gradient graph.
+        relu_gradients: `"guided"` or `"deconv"` to backpropagate through every
+            ReLU with the guided or deconvolution rule (the ablation of
+            Appendix B.2.3, `tf_gradcam.guided.ReluOverride`); `None` (default)
+            uses the true gradients.
 
     Raises:
         BackendError: Keras runs on another backend than TensorFlow.
@@ -157,8 +160,20 @@ class GradCAM:
         logits: bool = True,
         output: int | str | None = None,
         call_override: CallOverride | None = None,
+        relu_gradients: str | None = None,
     ) -> None:
         _check_backend()
+        if relu_gradients is not None:
+            if call_override is not None:
+                raise ValueError(
+                    "`relu_gradients` and `call_override` both replace layer calls; pass "
+                    f"one of them. Received: relu_gradients={relu_gradients!r} and "
+                    f"call_override={call_override!r}."
+                )
+            # Imported here: tf_gradcam.guided builds on this module.
+            from tf_gradcam.guided import ReluOverride
+
+            call_override = ReluOverride(model, relu_gradients)
         if pooling not in _POOLINGS:
             raise ValueError(
                 f"`pooling` must be one of {_POOLINGS}. Received: pooling={pooling!r}."
@@ -421,6 +436,15 @@ class GradCAM:
             ...     tape.watch(x)
             ...     heat = cam.compute(x, target=3).heatmaps
         """
+        result, spec = self._run(images, target)
+        return self._explanation(result, spec)
+
+    def _run(self, images: Any, target: Target) -> tuple[dict, TargetSpec]:
+        """Prepare the images, resolve the target and run the compiled step.
+
+        Shared with `tf_gradcam.guided`, whose methods return other keys. The
+        `k` axis is dropped unless the target is `TopK`.
+        """
         inputs = self._prepare(images)
         first = keras.tree.flatten(inputs)[0]
         batch = first.shape[0]
@@ -431,6 +455,10 @@ class GradCAM:
         result = self._function(inputs, spec)(inputs, classes)
         if spec.kind != "top_k":
             result = {key: value[:, 0] for key, value in result.items()}
+        return result, spec
+
+    def _explanation(self, result: dict, spec: TargetSpec) -> Explanation:
+        """The `Explanation` of one `_run` result; warns once about all-zero maps."""
         classes = None if spec.kind == "callable" else result["classes"]
         if (
             tf.executing_eagerly()
@@ -445,7 +473,7 @@ class GradCAM:
                 "Try an earlier layer, another class, or `counterfactual=True`. "
                 "This warning is shown once.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return Explanation(
             heatmaps=result["heatmaps"],

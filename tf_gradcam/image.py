@@ -1,7 +1,8 @@
 """Map post-processing: bilinear upsampling and per-image normalisation.
 
-The functions take and return `tf.Tensor`s so the engine can run them inside
-its compiled step; they also accept NumPy arrays.
+`upsample_maps` and `normalize_maps` take and return `tf.Tensor`s so the
+engine can run them inside its compiled step; they also accept NumPy arrays.
+The display helpers `overlay` and `normalize_gradients` return NumPy arrays.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["normalize_maps", "overlay", "upsample_maps"]
+__all__ = ["normalize_gradients", "normalize_maps", "overlay", "upsample_maps"]
 
 
 def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
@@ -123,3 +124,51 @@ def overlay(
     blended = (1.0 - alpha) * base + alpha * colours
     out = np.round(blended * 255.0).astype(np.uint8)
     return out[0] if single else out
+
+
+def normalize_gradients(gradients: Any, *, scale: float = 0.1) -> np.ndarray:
+    """Map pixel-space gradients to [0, 1] for display, each image on its own.
+
+    The normalisation of the Guided Backpropagation literature (Chollet's
+    `deprocess_image`, pytorch-grad-cam's `deprocess_image`): subtract the
+    image's mean, divide by its standard deviation, multiply by `scale`, add
+    0.5 and clip to [0, 1]. Zero gradient shows as mid-grey; a value `1/scale`
+    standard deviations from the mean reaches black or white. The statistics
+    are taken over height, width and channels of each image.
+
+    Departure: those implementations divide by `std + 1e-5`, which darkens
+    images whose gradients are small (Guided Grad-CAM values often are); here
+    the division is exact and a constant image (e.g. all-zero gradients) maps
+    to 0.5 everywhere, never NaN. Non-finite values count as 0.
+
+    Args:
+        gradients: `(height, width, channels)` or `(..., height, width,
+            channels)` gradients, e.g. `PixelExplanation.gradients`.
+        scale: standard deviations are multiplied by it (0.1 by default).
+
+    Returns:
+        float32 array of the same shape, in [0, 1].
+
+    Raises:
+        ValueError: fewer than 3 axes, or `scale` not positive.
+
+    Example:
+        >>> picture = normalize_gradients(tf_gradcam.GuidedBackprop(model)(images).gradients)
+        >>> picture.shape, float(picture.min()) >= 0.0, float(picture.max()) <= 1.0
+        ((8, 224, 224, 3), True, True)
+    """
+    if not scale > 0:
+        raise ValueError(f"`scale` must be positive. Received: scale={scale}.")
+    values = np.asarray(gradients, np.float64)
+    if values.ndim < 3:
+        raise ValueError(
+            "`gradients` must have (height, width, channels) as last axes. Received: "
+            f"gradients with shape {values.shape}."
+        )
+    values = np.where(np.isfinite(values), values, 0.0)
+    axes = (-3, -2, -1)
+    centred = values - values.mean(axis=axes, keepdims=True)
+    std = np.sqrt(np.mean(centred**2, axis=axes, keepdims=True))
+    safe = np.where(std > 0, std, 1.0)
+    scaled = np.where(std > 0, centred / safe, 0.0) * scale + 0.5
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,838 @@
+"""Guided Backpropagation, Deconvolution and Guided Grad-CAM (paper §3.2, Appendix B.2.3).
+
+Pixel-space gradient visualisations change only the backward pass of the
+ReLUs: *Guided Backpropagation* (Springenberg et al.) passes a gradient only
+where the forward input was positive **and** the incoming gradient is
+positive; *Deconvolution* (Zeiler & Fergus) passes every positive incoming
+gradient, whatever the forward input. Selvaraju et al. §3.2 multiply the
+guided-backprop image by the bilinearly upsampled Grad-CAM map to get *Guided
+Grad-CAM*, which is both high-resolution and class-discriminative; Table 2
+compares it with Deconvolution Grad-CAM; Appendix B.2.3 computes Grad-CAM
+itself with these backward rules (`GradCAM(..., relu_gradients="guided")`).
+
+The ReLUs are replaced in the engine's gradient graph only (see
+`tf_gradcam.submodel`): the user's layers run with their own weights, the
+user's model is never cloned or edited. `ReluOverride` finds every ReLU,
+ReLU6, leaky or thresholded ReLU: `activation="relu"`/`"relu6"`/`"leaky_relu"`
+on any layer (Dense, Conv*, Activation), `keras.layers.ReLU` and `LeakyReLU`
+layers, at every depth of nested Functional and Sequential models.
+
+The backward rules, for `f(x) = keras.activations.relu(x, negative_slope,
+max_value, threshold)` and an incoming gradient `g`:
+
+- true gradient: `f'(x) · g`, with `f'` = 1 on `threshold < x < max_value`,
+  0 above `max_value`, `negative_slope` below `threshold`.
+- guided: `g` where `threshold < x < max_value` and `g > 0`, else 0. For the
+  plain ReLU this is Springenberg's rule exactly. A saturated ReLU6 unit
+  (`x >= max_value`) passes nothing, as its true gradient does: its output does
+  not depend on its input there (Xplique passes the gradient there instead).
+  The leaky part (`x <= threshold`) passes nothing: guided backprop keeps only
+  units that fire, and a leaky unit below its threshold is "off".
+- deconv: `max(g, 0)` everywhere, whatever `x` (Zeiler & Fergus).
+
+Forward outputs are always exactly `keras.activations.relu`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tf_gradcam.errors import NoGradientError, UnsupportedActivationError
+from tf_gradcam.gradcam import Explanation, GradCAM, _spatial_input
+from tf_gradcam.submodel import (
+    GradientModel,
+    _is_expandable,
+    build_gradient_model,
+    call_with_activation,
+)
+from tf_gradcam.targets import Target, TargetSpec
+
+__all__ = [
+    "DeconvReLU",
+    "Deconvolution",
+    "DeconvolutionGradCAM",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "GuidedReLU",
+    "PixelExplanation",
+    "ReluOverride",
+    "deconv_relu",
+    "guided_relu",
+]
+
+_MODES = ("guided", "deconv")
+
+#: Activation functions (by `__name__`) that are ReLUs, with their parameters.
+#: `leaky_relu`'s slope is Keras' (and `tf.nn.leaky_relu`'s) default.
+_RELU_ACTIVATIONS: dict[str, dict[str, float]] = {
+    "relu": {},
+    "relu6": {"max_value": 6.0},
+    "leaky_relu": {"negative_slope": 0.2},
+}
+
+#: Activations that are not rectifiers: guided backprop never changed them
+#: (squashing heads, gates, linear), so they are left alone without a warning.
+_NOT_RECTIFIERS = frozenset(
+    {
+        "linear",
+        "softmax",
+        "log_softmax",
+        "sigmoid",
+        "hard_sigmoid",
+        "log_sigmoid",
+        "tanh",
+        "hard_tanh",
+        "softsign",
+        "exponential",
+        "sparsemax",
+    }
+)
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# While set (per thread), modified ReLUs backpropagate their true gradient.
+# Read when a gradient is *taken*, i.e. while the compiled step is traced: this
+# lets Guided Grad-CAM take the true gradient for its Grad-CAM part and the
+# guided one for its pixel part from one forward pass.
+_TRUE_BACKWARD = threading.local()
+
+
+@contextlib.contextmanager
+def _true_relu_gradients() -> Iterator[None]:
+    previous = getattr(_TRUE_BACKWARD, "active", False)
+    _TRUE_BACKWARD.active = True
+    try:
+        yield
+    finally:
+        _TRUE_BACKWARD.active = previous
+
+
+def _check_mode(mode: Any) -> None:
+    if mode not in _MODES:
+        raise ValueError(
+            f"The ReLU backward `mode` (GradCAM's `relu_gradients`) must be one of {_MODES}. "
+            f"Received: mode={mode!r}."
+        )
+
+
+# ------------------------------------------------------------ the ReLU rules
+
+
+@functools.cache
+def _modified_relu(
+    mode: str, negative_slope: float, max_value: float | None, threshold: float
+) -> Callable[[Any], tf.Tensor]:
+    """The `tf.custom_gradient` ReLU with one parameter set and one backward rule."""
+
+    def forward(x: tf.Tensor) -> tf.Tensor:
+        return keras.activations.relu(
+            x, negative_slope=negative_slope, max_value=max_value, threshold=threshold
+        )
+
+    @tf.custom_gradient
+    def relu(x: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        def backward(upstream: tf.Tensor) -> tf.Tensor:
+            if getattr(_TRUE_BACKWARD, "active", False):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = forward(x)
+                return tape.gradient(y, x, output_gradients=upstream)
+            passes = upstream > 0
+            if mode == "guided":
+                passes = tf.logical_and(passes, x > threshold)
+                if max_value is not None:
+                    passes = tf.logical_and(passes, x < max_value)
+            return tf.where(passes, upstream, tf.zeros_like(upstream))
+
+        return forward(x), backward
+
+    return relu
+
+
+def _rule(
+    mode: str, negative_slope: float, max_value: float | None, threshold: float
+) -> Callable[[Any], tf.Tensor]:
+    return _modified_relu(
+        mode,
+        float(negative_slope),
+        None if max_value is None else float(max_value),
+        float(threshold),
+    )
+
+
+def guided_relu(
+    x: Any, negative_slope: float = 0.0, max_value: float | None = None, threshold: float = 0.0
+) -> tf.Tensor:
+    """ReLU whose backward pass is Guided Backpropagation's.
+
+    A drop-in substitute for `keras.activations.relu` (same arguments, same
+    forward output, bit for bit). Backward: the incoming gradient `g` passes
+    where `threshold < x < max_value` and `g > 0`; everywhere else the gradient
+    is zero (see the module docstring for why saturated and leaky units pass
+    nothing).
+
+    Args:
+        x: input tensor.
+        negative_slope: slope below `threshold` in the forward pass (leaky ReLU).
+        max_value: saturation value (6 for ReLU6), or `None`.
+        threshold: values at or below it are "off".
+
+    Returns:
+        `keras.activations.relu(x, negative_slope, max_value, threshold)`.
+
+    Example:
+        >>> x = tf.constant([-1.0, 2.0, 3.0])
+        >>> with tf.GradientTape() as tape:
+        ...     tape.watch(x)
+        ...     y = tf_gradcam.guided_relu(x)
+        >>> tape.gradient(y, x, output_gradients=tf.constant([5.0, -4.0, 7.0]))
+        <tf.Tensor: ..., numpy=array([0., 0., 7.], dtype=float32)>
+    """
+    return _rule("guided", negative_slope, max_value, threshold)(x)
+
+
+def deconv_relu(
+    x: Any, negative_slope: float = 0.0, max_value: float | None = None, threshold: float = 0.0
+) -> tf.Tensor:
+    """ReLU whose backward pass is Deconvolution's (Zeiler & Fergus).
+
+    Same forward output as `keras.activations.relu`; backward: `max(g, 0)` for
+    an incoming gradient `g`, whatever the forward input.
+
+    Args:
+        x: input tensor.
+        negative_slope: slope below `threshold` in the forward pass.
+        max_value: saturation value (6 for ReLU6), or `None`.
+        threshold: the forward pass's threshold.
+
+    Returns:
+        `keras.activations.relu(x, negative_slope, max_value, threshold)`.
+
+    Example:
+        >>> x = tf.constant([-1.0, 2.0, 3.0])
+        >>> with tf.GradientTape() as tape:
+        ...     tape.watch(x)
+        ...     y = tf_gradcam.deconv_relu(x)
+        >>> tape.gradient(y, x, output_gradients=tf.constant([5.0, -4.0, 7.0]))
+        <tf.Tensor: ..., numpy=array([5., 0., 7.], dtype=float32)>
+    """
+    return _rule("deconv", negative_slope, max_value, threshold)(x)
+
+
+class _ModifiedReLULayer(keras.layers.ReLU):
+    """`keras.layers.ReLU` whose backward pass follows `_mode`."""
+
+    _mode = "guided"
+
+    def call(self, inputs: Any) -> tf.Tensor:
+        return _rule(self._mode, self.negative_slope, self.max_value, self.threshold)(inputs)
+
+
+@keras.saving.register_keras_serializable(package="tf_gradcam")
+class GuidedReLU(_ModifiedReLULayer):
+    """`keras.layers.ReLU` with Guided Backpropagation's backward pass.
+
+    Same arguments, validation and forward output as `keras.layers.ReLU`, so
+    it can be swapped into a model you build yourself; `GuidedBackprop` does
+    not need it (it replaces ReLUs in its own gradient graph).
+
+    Args:
+        max_value: saturation value (6 for ReLU6), or `None`.
+        negative_slope: slope below `threshold` (forward pass only).
+        threshold: values at or below it are "off".
+        **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`...).
+
+    Example:
+        >>> x = keras.Input((8, 8, 3))
+        >>> y = tf_gradcam.GuidedReLU(max_value=6.0)(keras.layers.Conv2D(4, 3)(x))
+    """
+
+    _mode = "guided"
+
+
+@keras.saving.register_keras_serializable(package="tf_gradcam")
+class DeconvReLU(_ModifiedReLULayer):
+    """`keras.layers.ReLU` with Deconvolution's backward pass (positive gradients pass).
+
+    Args:
+        max_value: saturation value (6 for ReLU6), or `None`.
+        negative_slope: slope below `threshold` (forward pass only).
+        threshold: the forward pass's threshold.
+        **kwargs: `keras.layers.Layer` arguments.
+
+    Example:
+        >>> y = tf_gradcam.DeconvReLU()(keras.layers.Conv2D(4, 3)(keras.Input((8, 8, 3))))
+    """
+
+    _mode = "deconv"
+
+
+# ------------------------------------------------- finding the model's ReLUs
+
+
+def _relu_parameters(layer: keras.layers.Layer) -> tuple[str, dict[str, Any] | None]:
+    """Classify a layer.
+
+    Returns:
+        `("relu", parameters)` for a ReLU, `("undefined", {"activation": name})`
+        for an activation without a guided rule, `("none", None)` otherwise.
+    """
+    if isinstance(layer, keras.layers.ReLU):
+        params = {
+            "negative_slope": layer.negative_slope,
+            "max_value": layer.max_value,
+            "threshold": layer.threshold,
+        }
+        return "relu", params
+    if isinstance(layer, keras.layers.LeakyReLU):
+        return "relu", {"negative_slope": layer.negative_slope}
+    if isinstance(layer, (keras.layers.ELU, keras.layers.PReLU)):
+        return "undefined", {"activation": type(layer).__name__}
+    if isinstance(layer, keras.Model) and not _is_expandable(layer):
+        return "undefined", {"activation": "subclassed model, its layers cannot be reached"}
+    activation = getattr(layer, "activation", None)
+    if activation is None or not callable(activation):
+        return "none", None
+    name = getattr(activation, "__name__", type(activation).__name__)
+    if name in _RELU_ACTIVATIONS:
+        return "relu", dict(_RELU_ACTIVATIONS[name])
+    if name in _NOT_RECTIFIERS:
+        return "none", None
+    return "undefined", {"activation": name}
+
+
+def _nested_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    for layer in model.layers:
+        if _is_expandable(layer):
+            yield from _nested_layers(layer)
+        else:
+            yield layer
+
+
+def _user_stacklevel() -> int:
+    """`stacklevel` of the first frame outside this package (the user's call)."""
+    level, frame = 1, inspect.currentframe().f_back
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        level += 1
+        frame = frame.f_back
+    return level
+
+
+class ReluOverride:
+    """The engine `call_override` giving every ReLU of a model a modified backward pass.
+
+    Built once per model: it lists the model's activations (nested models
+    included) and warns **once**, naming them, about those guided backprop does
+    not define (swish/SiLU, GELU, ELU, softplus, PReLU…), which keep their
+    true gradient; with `strict=True` it raises instead. Non-rectifying
+    activations (linear, sigmoid, softmax, tanh…) are left alone silently.
+
+    Then the engine calls it for every layer of its gradient graph; for a ReLU
+    it returns a call that runs the user's layer, with its own weights, with
+    `guided_relu`/`deconv_relu` and the layer's `max_value`, `threshold` and
+    `negative_slope` instead of its activation. ReLUs hidden inside a layer's
+    own `call` (Lambda, custom layers, wrappers such as `TimeDistributed`)
+    cannot be seen.
+
+    Args:
+        model: the user's model (only read).
+        mode: `"guided"` or `"deconv"`.
+        strict: raise instead of warning about undefined activations.
+
+    Raises:
+        ValueError: an unknown `mode`.
+        UnsupportedActivationError: `strict=True` and the model has activations
+            without a guided rule.
+
+    Example:
+        >>> override = ReluOverride(model, "guided")
+        >>> cam = tf_gradcam.GradCAM(model, call_override=override)
+        >>> len(override.replaced)      # ReLUs given the guided backward pass
+        5
+    """
+
+    def __init__(self, model: keras.Model, mode: str = "guided", *, strict: bool = False) -> None:
+        _check_mode(mode)
+        self.mode = mode
+        self._replaced: dict[int, str] = {}
+        undefined = []
+        layers = _nested_layers(model) if _is_expandable(model) else iter(())
+        for layer in layers:
+            kind, info = _relu_parameters(layer)
+            if kind == "undefined":
+                undefined.append(f"{layer.name!r} ({info['activation']})")
+        #: `"layer (activation)"` for each activation without a guided rule.
+        self.undefined: tuple[str, ...] = tuple(undefined)
+        if undefined and strict:
+            raise UnsupportedActivationError(
+                f"`strict=True` refuses activations that {mode} backpropagation does not "
+                f"define. Received: model {model.name!r} with {len(undefined)} such "
+                f"activation(s): {', '.join(undefined)}. Expected only ReLU-family "
+                "activations (relu, relu6, leaky_relu, ReLU/LeakyReLU layers) or "
+                "non-rectifying ones (linear, sigmoid, softmax, tanh); pass strict=False "
+                "to keep their true gradient."
+            )
+        if undefined:
+            warnings.warn(
+                f"{len(undefined)} activation(s) of model {model.name!r} have no {mode} "
+                f"backward rule and keep their true gradient: {', '.join(undefined)}. "
+                "The result is only partly guided; pass strict=True to refuse such models.",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
+
+    @property
+    def replaced(self) -> tuple[str, ...]:
+        """Names of the layers whose ReLU the gradient graph replaced (once each)."""
+        return tuple(self._replaced.values())
+
+    def __call__(self, layer: keras.layers.Layer) -> Callable[..., Any] | None:
+        """The call replacing `layer`'s in the gradient graph, or `None` to keep it."""
+        kind, params = _relu_parameters(layer)
+        if kind != "relu":
+            return None
+        rule = _rule(
+            self.mode,
+            params.get("negative_slope", 0.0),
+            params.get("max_value"),
+            params.get("threshold", 0.0),
+        )
+        self._replaced[id(layer)] = layer.name
+        if isinstance(layer, (keras.layers.ReLU, keras.layers.LeakyReLU)):
+
+            def run(inputs: Any, *args: Any, **kwargs: Any) -> tf.Tensor:
+                return rule(keras.ops.cast(inputs, layer.compute_dtype))
+
+            return run
+        return call_with_activation(layer, rule)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PixelExplanation:
+    """What a pixel-space method returns.
+
+    Per-image arrays have the batch axis first; with `TopK(k)` targets they
+    gain a `k` axis right after it. `__call__` returns NumPy arrays, `compute`
+    returns `tf.Tensor`s.
+
+    Attributes:
+        gradients: `(batch, height, width, channels)` float32, the
+            visualisation: guided backprop / deconvolution gradients of the
+            target score with respect to the image input, multiplied by the
+            Grad-CAM heatmap for the fused methods. Display it with
+            `tf_gradcam.image.normalize_gradients`.
+        backprop: `(batch, height, width, channels)` the guided or deconv
+            gradients alone (equal to `gradients` for `GuidedBackprop` and
+            `Deconvolution`).
+        cam: the Grad-CAM `Explanation` the fused methods multiplied by, else `None`.
+        scores: `(batch,)` target scores y^c.
+        classes: `(batch,)` class indices, or `None` for a callable target.
+    """
+
+    gradients: Any
+    backprop: Any
+    cam: Explanation | None
+    scores: Any
+    classes: Any
+
+    def numpy(self) -> PixelExplanation:
+        """Return a copy whose tensor fields are NumPy arrays."""
+        converted = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tf.Tensor):
+                value = value.numpy()
+            elif isinstance(value, Explanation):
+                value = value.numpy()
+            converted[f.name] = value
+        return replace(self, **converted)
+
+
+# ------------------------------------------------------------ the engines
+
+
+def _input_gradients(tape: tf.GradientTape, columns: list, image: tf.Tensor) -> tf.Tensor:
+    """`(batch, k, height, width, channels)` gradients of each score column."""
+    grads = [tape.gradient(column, image) for column in columns]
+    if any(g is None for g in grads):
+        raise NoGradientError(
+            "The target score does not depend on the image input (no gradient path), "
+            f"or the input is not a float tensor (dtype {image.dtype.name})."
+        )
+    return tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
+
+
+class _InputGradients(GradCAM):
+    """The engine's inputs and targets, with gradients taken w.r.t. the image input.
+
+    Reuses `GradCAM`'s input checks, target resolution and compiled step cache;
+    its gradient model exposes no layer.
+    """
+
+    def _build(self, sample_shape: tuple[int, ...] | None) -> GradientModel:
+        return build_gradient_model(
+            self.model,
+            None,
+            logits=self.logits,
+            expose_layer=False,
+            call_override=self._call_override,
+            sample_shape=sample_shape,
+        )
+
+    def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
+        image = _spatial_input(inputs)
+        with tf.GradientTape(persistent=spec.k > 1) as tape:
+            tape.watch(image)
+            _, outputs = self.gradient_model(inputs)
+            scores, resolved = self.target_scores(outputs, classes, spec)
+            columns = [scores] if spec.k == 1 else [scores[:, j] for j in range(spec.k)]
+        gradients = _input_gradients(tape, columns, image)
+        del tape
+        if spec.kind != "top_k":
+            scores, resolved = scores[:, None], resolved[:, None]
+        return {
+            "gradients": gradients,
+            "scores": tf.cast(scores, tf.float32),
+            "classes": resolved,
+        }
+
+
+class _FusedGradCAM(GradCAM):
+    """Grad-CAM and the modified-ReLU input gradients from one forward pass.
+
+    The gradient model already runs the modified ReLUs (their forward is the
+    plain one). Grad-CAM's gradients are taken with the true ReLU backward
+    (`_true_relu_gradients`), the input gradients, from an outer tape over the
+    same forward pass, with the guided/deconv backward.
+    """
+
+    def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
+        image = _spatial_input(inputs)
+        with tf.GradientTape(persistent=spec.k > 1) as tape:
+            tape.watch(image)
+            with _true_relu_gradients():
+                result = super()._explain_batch(inputs, classes, spec)
+            columns = [result["scores"][:, j] for j in range(spec.k)]
+        backprop = _input_gradients(tape, columns, image)
+        del tape
+        result["backprop"] = backprop
+        result["gradients"] = backprop * result["heatmaps"][..., None]
+        return result
+
+
+# ------------------------------------------------------------ public classes
+
+
+class _ModifiedBackprop:
+    """Gradients of the target score w.r.t. the image through modified ReLUs."""
+
+    _mode = "guided"
+
+    def __init__(
+        self,
+        model: keras.Model,
+        *,
+        logits: bool = True,
+        output: int | str | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.model = model
+        self.relu_override = ReluOverride(model, self._mode, strict=strict)
+        self._engine = _InputGradients(
+            model, logits=logits, output=output, call_override=self.relu_override
+        )
+
+    @property
+    def replaced(self) -> tuple[str, ...]:
+        """Names of the layers whose ReLU backward pass was replaced."""
+        return self.relu_override.replaced
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the compiled step has been traced (for retrace checks)."""
+        return self._engine.trace_count
+
+    def compute(self, images: Any, target: Target = None) -> PixelExplanation:
+        """Like calling the object, but returns `tf.Tensor` fields.
+
+        Args:
+            images: `(batch, height, width, channels)` array or tensor; a
+                list/dict of arrays for multi-input models (gradients are taken
+                with respect to the first 4-D input).
+            target: what to explain; see `tf_gradcam.targets`.
+
+        Returns:
+            A `PixelExplanation` with `tf.Tensor` fields and `cam=None`.
+
+        Raises:
+            InputError: wrong rank, shape, channels or non-finite values.
+            TargetError: class out of range or unsupported target.
+            NoGradientError: the target does not depend on the image input.
+
+        Example:
+            >>> gradients = method.compute(images, target=3).gradients
+        """
+        result, spec = self._engine._run(images, target)
+        return PixelExplanation(
+            gradients=result["gradients"],
+            backprop=result["gradients"],
+            cam=None,
+            scores=result["scores"],
+            classes=None if spec.kind == "callable" else result["classes"],
+        )
+
+    def __call__(self, images: Any, target: Target = None) -> PixelExplanation:
+        """Explain a batch of images.
+
+        Args:
+            images: `(batch, height, width, channels)` array (a single image is
+                treated as a batch of one); a list/dict of arrays for
+                multi-input models.
+            target: `None` (predicted class), an int, one int per image,
+                `TopK(k)`, or a callable `outputs -> (batch,)` score.
+
+        Returns:
+            A `PixelExplanation` of NumPy arrays; `.gradients` is
+            `(batch, height, width, channels)` float32.
+
+        Raises:
+            InputError: wrong rank, shape, channels or non-finite values.
+            TargetError: class out of range or unsupported target.
+            NoGradientError: the target does not depend on the image input.
+
+        Example:
+            >>> method(images, target=[3, 5]).gradients.shape   # (2, H, W, C)
+        """
+        return self.compute(images, target).numpy()
+
+
+class GuidedBackprop(_ModifiedBackprop):
+    """Guided Backpropagation (Springenberg et al.; paper §3.2, Fig. 1b).
+
+    The gradient of the target score y^c (before the softmax, as in Grad-CAM)
+    with respect to the input pixels, where every ReLU passes a gradient only
+    where its forward input was positive and the incoming gradient is positive.
+    High-resolution but, the paper notes, hardly class-discriminative.
+
+    The ReLUs are replaced only in this object's gradient graph (nested
+    models and ReLU6 included); the user's model is not modified. Batched and
+    compiled once per target kind and image shape.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`.
+        logits: explain the score before a trailing softmax/sigmoid (default).
+        output: for multi-output models, which output class targets index.
+        strict: refuse models with activations guided backprop does not define
+            (swish, GELU…) instead of warning once.
+
+    Raises:
+        UnsupportedModelError: subclassed model.
+        UnsupportedActivationError: `strict=True` and such activations exist.
+
+    Example:
+        >>> gb = tf_gradcam.GuidedBackprop(model)
+        >>> gb(images, target=281).gradients.shape      # (batch, H, W, 3)
+    """
+
+    _mode = "guided"
+
+
+class Deconvolution(_ModifiedBackprop):
+    """Deconvolution (Zeiler & Fergus), the paper's Table 2 baseline.
+
+    Like `GuidedBackprop`, but every ReLU passes all positive incoming
+    gradients, whatever its forward input.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`.
+        logits: explain the score before a trailing softmax/sigmoid (default).
+        output: for multi-output models, which output class targets index.
+        strict: refuse models with activations deconvolution does not define.
+
+    Raises:
+        UnsupportedModelError: subclassed model.
+        UnsupportedActivationError: `strict=True` and such activations exist.
+
+    Example:
+        >>> tf_gradcam.Deconvolution(model)(images).gradients.shape  # (batch, H, W, C)
+    """
+
+    _mode = "deconv"
+
+
+class _ModifiedGradCAM:
+    """Modified-backprop gradients times the upsampled Grad-CAM map."""
+
+    _mode = "guided"
+
+    def __init__(
+        self,
+        model: keras.Model,
+        layer: str | keras.layers.Layer | None = None,
+        *,
+        pooling: str = "mean",
+        counterfactual: bool = False,
+        absolute_gradients: bool = False,
+        logits: bool = True,
+        output: int | str | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.model = model
+        self.relu_override = ReluOverride(model, self._mode, strict=strict)
+        self._engine = _FusedGradCAM(
+            model,
+            layer,
+            pooling=pooling,
+            counterfactual=counterfactual,
+            absolute_gradients=absolute_gradients,
+            logits=logits,
+            output=output,
+            call_override=self.relu_override,
+        )
+
+    @property
+    def layer(self) -> str:
+        """Path of the layer Grad-CAM explains."""
+        return self._engine.layer
+
+    @property
+    def replaced(self) -> tuple[str, ...]:
+        """Names of the layers whose ReLU backward pass was replaced."""
+        return self.relu_override.replaced
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the compiled step has been traced (for retrace checks)."""
+        return self._engine.trace_count
+
+    def compute(self, images: Any, target: Target = None) -> PixelExplanation:
+        """Like calling the object, but returns `tf.Tensor` fields.
+
+        Args:
+            images: `(batch, height, width, channels)` array or tensor; a
+                list/dict for multi-input models.
+            target: what to explain; see `tf_gradcam.targets`.
+
+        Returns:
+            A `PixelExplanation` with `tf.Tensor` fields.
+
+        Raises:
+            InputError: wrong rank, shape, channels or non-finite values.
+            TargetError: class out of range or unsupported target.
+            NoGradientError: the target does not depend on the layer or image.
+
+        Example:
+            >>> fused = method.compute(images, target=3).gradients
+        """
+        result, spec = self._engine._run(images, target)
+        cam = self._engine._explanation(result, spec)
+        return PixelExplanation(
+            gradients=result["gradients"],
+            backprop=result["backprop"],
+            cam=cam,
+            scores=cam.scores,
+            classes=cam.classes,
+        )
+
+    def __call__(self, images: Any, target: Target = None) -> PixelExplanation:
+        """Explain a batch of images.
+
+        Args:
+            images: `(batch, height, width, channels)` array (a single image is
+                a batch of one); a list/dict of arrays for multi-input models.
+            target: `None` (predicted class), an int, one int per image,
+                `TopK(k)`, or a callable `outputs -> (batch,)` score.
+
+        Returns:
+            A `PixelExplanation` of NumPy arrays: `.gradients` the fused
+            `(batch, height, width, channels)` float32 image, `.backprop` and
+            `.cam` its two factors.
+
+        Raises:
+            InputError: wrong rank, shape, channels or non-finite values.
+            TargetError: class out of range or unsupported target.
+            NoGradientError: the target does not depend on the layer or image.
+
+        Example:
+            >>> result = method(images, target=[281, 242])
+            >>> result.gradients.shape                     # (2, H, W, 3)
+        """
+        return self.compute(images, target).numpy()
+
+
+class GuidedGradCAM(_ModifiedGradCAM):
+    """Guided Grad-CAM: Guided Backpropagation ⊙ upsampled Grad-CAM (paper §3.2, Fig. 1d).
+
+    High-resolution *and* class-discriminative. One forward pass serves both
+    factors: Grad-CAM's gradients are taken with the true ReLU backward pass,
+    the pixel gradients with the guided one.
+
+    Departure from the paper: the guided-backprop image is multiplied by the
+    Grad-CAM map bilinearly upsampled **and divided by its maximum**
+    (`Explanation.heatmaps`, in [0, 1]) rather than by the raw upsampled L^c.
+    The two differ by one positive factor per image, so the picture after
+    `normalize_gradients` and any mass ratio are the same; the values stay in
+    the range of the guided gradients. An all-zero Grad-CAM map gives an
+    all-zero result.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`.
+        layer: the convolutional layer Grad-CAM explains (name, path, `Layer`
+            or `None` for the last 4-D one).
+        pooling: Grad-CAM's gradient pooling, `"mean"` (eq. 1) or `"max"`.
+        counterfactual: counterfactual Grad-CAM map (§3.3) as the factor.
+        absolute_gradients: Grad-CAM with `|∂y^c/∂A|` (Table 3).
+        logits: explain the score before a trailing softmax/sigmoid (default).
+        output: for multi-output models, which output class targets index.
+        strict: refuse models with activations guided backprop does not define.
+
+    Raises:
+        The errors of `GradCAM`; UnsupportedActivationError with `strict=True`.
+
+    Example:
+        >>> ggc = tf_gradcam.GuidedGradCAM(model, layer="block5_conv3")
+        >>> result = ggc(images, target=[281, 242])
+        >>> result.gradients.shape, result.cam.heatmaps.shape  # (2, H, W, 3), (2, H, W)
+    """
+
+    _mode = "guided"
+
+
+class DeconvolutionGradCAM(_ModifiedGradCAM):
+    """Deconvolution Grad-CAM: Deconvolution ⊙ upsampled Grad-CAM (Table 2 baseline).
+
+    As `GuidedGradCAM` (same normalised-heatmap factor), with deconvolution's
+    backward rule for the pixel gradients.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`.
+        layer: the convolutional layer Grad-CAM explains.
+        pooling: Grad-CAM's gradient pooling.
+        counterfactual: counterfactual Grad-CAM map (§3.3) as the factor.
+        absolute_gradients: Grad-CAM with `|∂y^c/∂A|`.
+        logits: explain the score before a trailing softmax/sigmoid (default).
+        output: for multi-output models, which output class targets index.
+        strict: refuse models with activations deconvolution does not define.
+
+    Raises:
+        The errors of `GradCAM`; UnsupportedActivationError with `strict=True`.
+
+    Example:
+        >>> tf_gradcam.DeconvolutionGradCAM(model)(images, target=3).gradients
+    """
+
+    _mode = "deconv"

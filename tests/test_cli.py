@@ -97,3 +97,20 @@ def test_safe_stem_cannot_escape_the_output_folder():
     names = [_safe_stem(p, taken) for p in ["../../etc/passwd", "a/b/../..", "x y.png", "x y.png"]]
     assert names == ["passwd", "image", "x_y", "x_y_2"]
     assert all("/" not in n and not n.startswith(".") for n in names)
+
+
+def test_explain_guided_methods_write_the_api_gradients(tmp_path):
+    """--method guided_gradcam writes the GuidedGradCAM gradients and a display PNG."""
+    from tf_gradcam import GuidedGradCAM
+
+    model_path = tmp_path / "demo.keras"
+    load_demo_model().save(model_path)
+    paths = _save_images(tmp_path, make_scenes(1, seed=4).images)
+    out = tmp_path / "out"
+    args = ["explain", str(model_path), *paths, "--method", "guided_gradcam", "--out", str(out)]
+    assert main([*args, "--class", "2"]) == 0
+    decoded = cv2.cvtColor(cv2.imread(paths[0]), cv2.COLOR_BGR2RGB)[None] / 255.0
+    expected = GuidedGradCAM(load_demo_model(), "last_conv")(decoded.astype(np.float32), target=2)
+    written = np.load(out / "img0_guided-gradcam.npy")
+    np.testing.assert_allclose(written, expected.gradients[0], rtol=1e-4, atol=1e-6)
+    assert cv2.imread(str(out / "img0_guided-gradcam.png")).shape == (64, 64, 3)

@@ -1,7 +1,8 @@
 """The `tf-gradcam` command: `demo` and `explain`. The only module that touches image files.
 
     tf-gradcam demo [--out DIR] [--count N]
-    tf-gradcam explain MODEL IMAGE... [--layer NAME] [--class INDEX] [--top-k K] [--out DIR]
+    tf-gradcam explain MODEL IMAGE... [--layer NAME] [--class INDEX] [--top-k K]
+                       [--method gradcam|counterfactual|guided_backprop|guided_gradcam] [--out DIR]
 
 `explain` loads a `.keras` model with Keras' safe mode on (`--trust-model`
 turns it off, for models whose Lambda layers you trust), reads PNG/JPEG
@@ -17,6 +18,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +116,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     import cv2
     import keras
 
-    from tf_gradcam import GradCAM, TopK, overlay
+    from tf_gradcam import TopK, overlay
+    from tf_gradcam.image import normalize_gradients
 
     model_path = Path(args.model)
     if model_path.suffix != ".keras":
@@ -149,32 +152,53 @@ def _run_explain(args: argparse.Namespace) -> int:
         batch.append(resized.astype(np.float32) * scale + shift)
     images = np.stack(batch)
     target = TopK(args.top_k) if args.top_k else args.class_index
-    cam = GradCAM(model, args.layer)
-    result = cam(images, target=target)
+    result, pixels = _explain_with_method(model, images, target, args)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
+    method = args.method.replace("_", "-")
     for i, (path, rgb) in enumerate(zip(args.images, originals, strict=True)):
         stem = _safe_stem(path, taken)
-        heat = result.heatmaps[i]
-        heat = heat[None] if heat.ndim == 2 else heat
         classes = np.atleast_1d(result.classes[i])
-        for j, (h, c) in enumerate(zip(heat, classes, strict=True)):
-            big = cv2.resize(h, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
-            suffix = f"_class{int(c)}" if args.top_k else ""
-            _write_png(out / f"{stem}{suffix}_gradcam.png", overlay(rgb, big, alpha=args.alpha))
-            if args.top_k:
-                np.save(out / f"{stem}{suffix}_gradcam.npy", result.maps[i, j])
-        if not args.top_k:
-            np.save(out / f"{stem}_gradcam.npy", result.maps[i])
-        label = ", ".join(
-            f"{int(c)} (score {s:.3g})"
-            for c, s in zip(classes, np.atleast_1d(result.scores[i]), strict=True)
-        )
-        print(f"{path}: class {label} -> {out / stem}*_gradcam.png")
+        heat = result.heatmaps[i].reshape(len(classes), height, width)
+        maps = result.maps[i].reshape(len(classes), *result.maps.shape[-2:])
+        for j, c in enumerate(classes):
+            name = f"{stem}_class{int(c)}_{method}" if args.top_k else f"{stem}_{method}"
+            if pixels is None:
+                big = cv2.resize(
+                    heat[j], (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR
+                )
+                _write_png(out / f"{name}.png", overlay(rgb, big, alpha=args.alpha))
+                np.save(out / f"{name}.npy", maps[j])
+            else:
+                grads = pixels[i].reshape(len(classes), height, width, -1)[j]
+                picture = normalize_gradients(grads[None])[0]
+                picture = np.repeat(picture, 3, axis=-1) if picture.shape[-1] == 1 else picture
+                _write_png(out / f"{name}.png", np.round(picture[..., :3] * 255).astype(np.uint8))
+                np.save(out / f"{name}.npy", grads)
+        scores = np.atleast_1d(result.scores[i])
+        label = ", ".join(f"{int(c)} (score {s:.3g})" for c, s in zip(classes, scores, strict=True))
+        print(f"{path}: class {label} -> {out / stem}*_{method}.png")
     print(f"layer: {result.layer}; wrote {len(args.images)} image(s) into {out.resolve()}")
     return 0
+
+
+def _explain_with_method(
+    model: Any, images: np.ndarray, target: Any, args: argparse.Namespace
+) -> tuple[Any, np.ndarray | None]:
+    """Run the chosen method: (Grad-CAM explanation, pixel gradients or None)."""
+    from tf_gradcam import GradCAM, GuidedBackprop, GuidedGradCAM
+
+    if args.method == "gradcam":
+        return GradCAM(model, args.layer)(images, target=target), None
+    if args.method == "counterfactual":
+        return GradCAM(model, args.layer, counterfactual=True)(images, target=target), None
+    fused = GuidedGradCAM(model, args.layer)(images, target=target)
+    if args.method == "guided_gradcam":
+        return fused.cam, fused.gradients
+    backprop = GuidedBackprop(model)(images, target=target)
+    return fused.cam, backprop.gradients
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -202,6 +226,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(_PREPROCESS),
         default="unit",
         help="pixel scaling the model expects: unit [0,1], raw [0,255], symmetric [-1,1]",
+    )
+    explain.add_argument(
+        "--method",
+        choices=("gradcam", "counterfactual", "guided_backprop", "guided_gradcam"),
+        default="gradcam",
+        help="what to draw: Grad-CAM overlay (default), counterfactual Grad-CAM (§3.3), "
+        "guided backprop or Guided Grad-CAM gradients (§3.2)",
     )
     explain.add_argument("--alpha", type=float, default=0.4, help="overlay opacity")
     explain.add_argument(

@@ -229,8 +229,24 @@ def test_explain_function_reuses_the_engine(images, cnn):
     np.testing.assert_allclose(a.heatmaps, b.heatmaps, rtol=1e-6)
     assert a.layer == "conv1"
     explain(cnn, images, target=2, layer="conv1")
-    cam = tf_gradcam.gradcam._CACHE[cnn][("conv1", ())]
-    assert cam.trace_count == 1
+    cam = tf_gradcam.gradcam._CACHE[(id(cnn), "conv1", ())]
+    assert cam.model is cnn and cam.trace_count == 1
+
+
+def test_explain_cache_is_bounded_and_releases_models(images):
+    """explain() keeps at most a few explainers, so models it saw can be garbage-collected."""
+    import gc
+    import weakref
+
+    refs = []
+    for i in range(tf_gradcam.gradcam._CACHE_SIZE + 3):
+        model = make_cnn(name=f"m{i}")
+        explain(model, images[:1])
+        refs.append(weakref.ref(model))
+        del model
+    gc.collect()
+    assert len(tf_gradcam.gradcam._CACHE) <= tf_gradcam.gradcam._CACHE_SIZE
+    assert refs[0]() is None  # the oldest model is no longer held by the cache
 
 
 def test_all_zero_map_is_finite_and_flagged():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -568,7 +568,11 @@ def _prepare_leaf(value: Any, spec: Any) -> tf.Tensor:
     return tf.convert_to_tensor(array, dtype=spec.dtype)
 
 
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# explain()'s recently used explainers. A bounded LRU keyed by id(model), not a
+# WeakKeyDictionary: the cached GradCAM holds its model, which would keep a weak
+# key alive forever. At most _CACHE_SIZE models stay referenced.
+_CACHE: OrderedDict[tuple, GradCAM] = OrderedDict()
+_CACHE_SIZE = 8
 
 
 def explain(
@@ -603,14 +607,17 @@ def explain(
         (8, 224, 224)
     """
     layer_key = id(layer) if isinstance(layer, keras.layers.Layer) else layer
-    key = (layer_key, tuple(sorted(options.items(), key=lambda kv: kv[0])))
     try:
-        per_model = _CACHE.setdefault(model, {})
-        cam = per_model.get(key)
-    except TypeError:  # unhashable option values
-        per_model, cam = None, None
-    if cam is None:
+        key = (id(model), layer_key, tuple(sorted(options.items(), key=lambda kv: kv[0])))
+        hash(key)
+    except TypeError:  # unhashable option values: no caching
+        key = None
+    cam = _CACHE.get(key) if key is not None else None
+    if cam is None or cam.model is not model:
         cam = GradCAM(model, layer, **options)
-        if per_model is not None:
-            per_model[key] = cam
+    if key is not None:
+        _CACHE[key] = cam
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
     return cam(images, target)

@@ -222,6 +222,17 @@ def test_no_retrace_on_repeated_calls(images, cnn):
     assert cam.trace_count == warm == 2
 
 
+def test_new_callable_each_call_is_bounded_and_warned(images, cnn, monkeypatch):
+    """Inline lambdas recompile; the explainer keeps a bounded number of steps and warns once."""
+    monkeypatch.setattr(tf_gradcam.gradcam, "_MAX_COMPILED_STEPS", 4)
+    cam = GradCAM(cnn)
+    limit = 4
+    with pytest.warns(RuntimeWarning, match="define the target function once"):
+        for c in range(limit + 2):
+            cam(images[:1], target=lambda out, c=c: out[:, c % 3])
+    assert len(cam._functions) == limit
+
+
 def test_explain_function_reuses_the_engine(images, cnn):
     """explain() equals GradCAM()(...) and does not rebuild between calls."""
     a = explain(cnn, images, target=1, layer="conv1")

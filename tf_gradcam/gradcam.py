@@ -32,6 +32,8 @@ from tf_gradcam.targets import Target, TargetSpec, resolve_target
 __all__ = ["Explanation", "GradCAM", "explain"]
 
 _POOLINGS = ("mean", "max")
+# Compiled steps kept per explainer (target kinds × callables × input signatures).
+_MAX_COMPILED_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ class GradCAM:
         self._call_override = call_override
         self._functions: dict[Any, Any] = {}
         self._warned_degenerate = False
+        self._warned_churn = False
         self._gradient_model: GradientModel | None = None
         try:
             has_inputs = model.input is not None
@@ -409,6 +412,18 @@ class GradCAM:
                 input_signature=[signature, tf.TensorSpec((None,), tf.int32)],
                 autograph=False,
             )
+            if len(self._functions) >= _MAX_COMPILED_STEPS:
+                self._functions.pop(next(iter(self._functions)))  # oldest first
+                if not self._warned_churn:
+                    self._warned_churn = True
+                    warnings.warn(
+                        f"GradCAM has compiled {_MAX_COMPILED_STEPS} different steps; the "
+                        "oldest are dropped and recompiled when needed. A new callable "
+                        "target on every call (e.g. an inline lambda) forces a recompile: "
+                        "define the target function once and reuse it.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
             self._functions[key] = function
         return function
 

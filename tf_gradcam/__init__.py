@@ -7,6 +7,7 @@ Example:
     >>> result.heatmaps.shape                    # (batch, height, width), in [0, 1]
 """
 
+from tf_gradcam.callback import GradCAMCallback
 from tf_gradcam.errors import (
     BackendError,
     GradCAMError,
@@ -28,6 +29,7 @@ __all__ = [
     "BackendError",
     "Explanation",
     "GradCAM",
+    "GradCAMCallback",
     "GradCAMError",
     "InputError",
     "LayerNotFoundError",

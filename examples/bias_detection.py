@@ -1,7 +1,7 @@
 """The paper's §6.3 ("Identifying bias in dataset") in miniature, watched with GradCAMCallback.
 
 The class of an image is set by an object's shape (a disk or a square), but a
-coloured patch in the top-left corner (red or blue) agrees with the class in
+coloured patch in the top-left corner (red or green) agrees with the class in
 95% of the "biased" training images; in the test set the patch colour is a coin
 flip. A model trained on the biased set learns the patch: its Grad-CAM mass
 moves onto the corner during training (the `gradcam/cue_mass` scalar rises)
@@ -46,7 +46,7 @@ except ImportError:  # run from a source checkout without installing
 
 SIZE = 32
 CUE = (0, 0, 8, 8)  # (y_min, x_min, y_max, x_max) of the coloured patch
-CUE_COLOURS = np.array([[1.0, 0.15, 0.1], [0.1, 0.3, 1.0]], np.float32)  # class 0 red, 1 blue
+CUE_COLOURS = np.array([[1.0, 0.15, 0.1], [0.1, 0.8, 0.1]], np.float32)  # class 0 red, 1 green
 CLASS_NAMES = ("disk", "square")
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     test = make_scenes(1000, cue_agreement=0.5, rng=rng)
     monitor = tuple(array[:128] for array in test)  # what the callback explains each epoch
     conflict = test[0][:, 0, 0, 0] > 0.5  # red patch...
-    conflict = np.where(conflict, 0, 1) != test[1]  # ...on a square, or blue on a disk
+    conflict = np.where(conflict, 0, 1) != test[1]  # ...on a square, or green on a disk
 
     results = []
     for name, agreement in (("biased", 0.95), ("debiased", 0.5)):

@@ -353,7 +353,7 @@ def test_boxes_and_masks_give_the_same_region():
         ({"method": "guided_gradcam"}, "GuidedGradCAM"),
         ({"freq": -1}, "Received: freq=-1"),
         ({"freq": 0}, "nothing would be logged"),
-        ({"update_freq": "batch"}, "Received: update_freq='batch'"),
+        ({"update_freq": 0}, "Received: update_freq=0"),
         ({"max_images": 0}, "Received: max_images=0"),
         ({"target": TopK(2)}, "TopK"),
         ({"target": "true"}, "needs labels"),

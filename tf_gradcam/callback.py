@@ -90,8 +90,9 @@ class GradCAMCallback(keras.callbacks.Callback):
         freq: log every `freq` epochs (epochs 0, freq, 2·freq, ... as
             `histogram_freq` of `keras.callbacks.TensorBoard`); 0 turns epoch
             logging off.
-        update_freq: `"epoch"` (no batch-level logging) or an int N: also log
-            after every N optimizer steps, under `gradcam_batch/`.
+        update_freq: `"epoch"` (no batch-level logging), `"batch"` (same as
+            1) or an int N: also log after every N optimizer steps, under
+            `gradcam_batch/`.
         max_images: how many overlays are written per log. Without
             `regions`, only the first `max_images` images are kept; with
             `regions`, every image is explained for the region masses.
@@ -151,11 +152,11 @@ class GradCAMCallback(keras.callbacks.Callback):
         self.layer = layer
         self.method = method
         self.freq = freq
-        self.update_freq = update_freq
+        self.update_freq = 1 if update_freq == "batch" else update_freq
         self.max_images = max_images
         self.regions = _region_masks(regions, sample.shape[:3])
         self.strict = strict
-        if isinstance(update_freq, int):
+        if self.update_freq != "epoch":
             # Defined per instance so that, without batch logging, Keras still
             # sees the default hook and keeps dispatching batch ends asynchronously.
             self.on_train_batch_end = self._on_train_batch_end
@@ -326,9 +327,9 @@ def _check_options(method: str, freq: int, update_freq: str | int, max_images: i
         _guided_gradcam_unavailable(None, None)  # fail at construction, not mid-fit
     if not _is_count(freq, minimum=0):
         raise ValueError(f"`freq` must be an int >= 0 (epochs). Received: freq={freq!r}.")
-    if update_freq != "epoch" and not _is_count(update_freq, minimum=1):
+    if update_freq not in ("epoch", "batch") and not _is_count(update_freq, minimum=1):
         raise ValueError(
-            "`update_freq` must be 'epoch' or an int >= 1 (optimizer steps). Received: "
+            "`update_freq` must be 'epoch', 'batch' or an int >= 1 (optimizer steps). Received: "
             f"update_freq={update_freq!r}."
         )
     if freq == 0 and update_freq == "epoch":

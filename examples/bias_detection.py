@@ -18,13 +18,14 @@ Run:
 
 Outputs in --out: `bias_overlays.png` (test images whose patch contradicts the
 shape: input, biased model's Grad-CAM, debiased model's Grad-CAM) and the
-TensorBoard logs under `logs/`.
+TensorBoard logs under `logs/` (replaced at each run).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -135,6 +136,7 @@ def main() -> None:
         x, y, _, _ = make_scenes(args.train, cue_agreement=agreement, rng=rng)
         model = make_model(args.seed)
         untrained = box_mass(model, monitor[0], monitor[2])
+        shutil.rmtree(out / "logs" / name, ignore_errors=True)  # one run per model in TensorBoard
         callback = tf_gradcam.GradCAMCallback(
             monitor[0],
             log_dir=out / "logs" / name,

@@ -214,6 +214,8 @@ def test_weights_identical_with_and_without_callback(tmp_path, data, regions):
 
 
 class _Broken:
+    """An explainer that raises on every call."""
+
     layer = "broken"
 
     def __init__(self, *args):
@@ -222,6 +224,15 @@ class _Broken:
     def __call__(self, images, target):
         self.calls += 1
         raise RuntimeError("explainer exploded")
+
+
+class _BreaksAfterWriting(GradCAMCallback):
+    """Opens its writer, then fails: the writer must still be closed at the end of fit."""
+
+    def _log(self, prefix, step, logs):
+        with self.writer.as_default():
+            pass
+        raise OSError("disk full")
 
 
 def test_failures_become_warnings_then_disable(tmp_path, data, monkeypatch):
@@ -239,6 +250,16 @@ def test_failures_become_warnings_then_disable(tmp_path, data, monkeypatch):
     assert sum("disabled itself" in m for m in messages) == 1
     assert callback.explainer.calls == MAX_FAILURES
     assert not (tmp_path / "gradcam").exists()  # the writer is created only to write
+
+
+def test_writer_closed_after_the_callback_disabled_itself(tmp_path, data):
+    """A writer opened before the failures is closed in on_train_end all the same."""
+    callback = _BreaksAfterWriting(data[0][:2], log_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(make_model(), data, callback, epochs=MAX_FAILURES + 1)
+    assert sum("OSError: disk full" in str(w.message) for w in caught) == MAX_FAILURES
+    assert callback._writer is None
 
 
 def test_strict_reraises(tmp_path, data, monkeypatch):

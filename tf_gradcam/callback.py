@@ -174,7 +174,7 @@ class GradCAMCallback(keras.callbacks.Callback):
     def set_model(self, model: keras.Model) -> None:
         """Sets the model and resets the writer (a new `fit` gets a new event file)."""
         super().set_model(model)
-        self._writer = None
+        self._guarded("set_model", self._close_writer)  # left open if a fit was interrupted
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._failures = 0
@@ -182,6 +182,7 @@ class GradCAMCallback(keras.callbacks.Callback):
         self._step = self._guarded("on_train_begin", self._optimizer_steps) or 0
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        self._disabled = False  # release the writer even after repeated failures
         self._guarded("on_train_end", self._close_writer)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:

@@ -108,7 +108,7 @@ def main() -> None:
                 )
                 first[name].append(timer.times[0])
                 times[name].extend(timer.times[1:])
-        traces = callback.explainer.cam.trace_count
+        traces = callback.explainer.trace_count
 
         # Interleaved: one fit, the callback logging every other epoch (freq=2), so that
         # epochs with and without its work alternate a few seconds apart under the same load.

@@ -185,11 +185,11 @@ def test_traced_once_and_second_fit_reuses_the_instance(tmp_path, data):
     callback = GradCAMCallback(data[0][:3], log_dir=tmp_path, freq=2, update_freq=2)
     fit(model, data, callback, epochs=3)
     explainer = callback.explainer
-    assert explainer.cam.trace_count == 1
+    assert explainer.trace_count == 1
     assert callback._writer is None  # closed in on_train_end
     fit(model, data, callback, epochs=2)
     assert callback.explainer is explainer
-    assert explainer.cam.trace_count == 1
+    assert explainer.trace_count == 1
     assert len(glob.glob(str(tmp_path / "gradcam" / "events.*"))) == 2
     events = read_events(tmp_path)
     batch_steps = [s for s, tag, _ in events if tag == "gradcam_batch/image_0"]
@@ -319,7 +319,7 @@ callback = GradCAMCallback(
 )
 history = model.fit(x, y, epochs=2, batch_size=16, callbacks=[callback], verbose=0)
 assert len(history.history["gradcam/cue_mass"]) == 2
-assert callback.explainer.cam.trace_count == 1
+assert callback.explainer.trace_count == 1
 print("OK")
 """
 

@@ -295,6 +295,10 @@ class _GradCAMExplainer:
     def layer(self) -> str:
         return self.cam.layer
 
+    @property
+    def trace_count(self) -> int:
+        return self.cam.trace_count
+
     def __call__(self, images: np.ndarray, target: Any) -> tuple[np.ndarray, ...]:
         """Returns `(heatmaps, pictures, classes, scores)` for the images."""
         result = self.cam(images, target)
@@ -309,7 +313,9 @@ def _guided_gradcam_unavailable(model: keras.Model, layer: Any) -> Any:
 
 
 #: How each `method` builds its explainer: `(model, layer) -> explainer`, where
-#: `explainer(images, target)` returns `(heatmaps, pictures, classes, scores)`.
+#: `explainer(images, target)` returns `(heatmaps, pictures, classes, scores)`
+#: (Grad-CAM heatmaps for the masses, uint8 RGB pictures to show) and the
+#: explainer has `layer` and `trace_count` properties.
 _EXPLAINERS: dict[str, Callable[[keras.Model, Any], Any]] = {
     "gradcam": _GradCAMExplainer,
     "guided_gradcam": _guided_gradcam_unavailable,

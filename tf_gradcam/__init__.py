@@ -7,6 +7,7 @@ Example:
     >>> result.heatmaps.shape                    # (batch, height, width), in [0, 1]
 """
 
+from tf_gradcam.callback import GradCAMCallback
 from tf_gradcam.errors import (
     BackendError,
     GradCAMError,
@@ -44,6 +45,7 @@ __all__ = [
     "DeconvolutionGradCAM",
     "Explanation",
     "GradCAM",
+    "GradCAMCallback",
     "GradCAMError",
     "GuidedBackprop",
     "GuidedGradCAM",

@@ -1,0 +1,390 @@
+"""Tests of GradCAMCallback: the event files it writes, read back with TensorFlow's parser."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import glob
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+import tf_gradcam.callback as callback_module
+from tf_gradcam import GradCAM, GradCAMCallback, TopK, overlay
+from tf_gradcam.callback import MAX_FAILURES
+
+SIZE = 16
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_model(*, dropout: bool = False, seed: int = 7) -> keras.Model:
+    """Conv → Conv('last_conv') → GAP → [BatchNorm, Dropout] → Dense(3, softmax), compiled."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = layers.Conv2D(6, 3, activation="relu", name="conv1")(inputs)
+    x = layers.Conv2D(5, 3, activation="relu", name="last_conv")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    if dropout:
+        x = layers.BatchNormalization()(x)
+        x = layers.Dropout(0.3)(x)
+    head_init = keras.initializers.RandomUniform(-0.5, 1.0, seed=seed)
+    outputs = layers.Dense(3, activation="softmax", kernel_initializer=head_init, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    return model
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray, np.ndarray]:
+    """64 random 16×16 RGB images in [0, 1] and class labels in {0, 1, 2}."""
+    rng = np.random.default_rng(0)
+    return rng.random((64, SIZE, SIZE, 3), dtype=np.float32), rng.integers(0, 3, 64)
+
+
+@pytest.fixture
+def regions() -> dict:
+    """A corner box for every image and a centre mask shared by all images."""
+    centre = np.zeros((SIZE, SIZE), bool)
+    centre[4:12, 4:12] = True
+    return {"cue": np.array([0, 0, 5, 5]), "object": centre}
+
+
+def read_events(log_dir: Path) -> list[tuple[int, str, tf.compat.v1.Summary.Value]]:
+    """(step, tag, value) of every summary under log_dir/gradcam, in file order."""
+    found = []
+    for path in sorted(glob.glob(str(log_dir / "gradcam" / "events.out.tfevents.*"))):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            found += [(event.step, value.tag, value) for value in event.summary.value]
+    return found
+
+
+def decode_image(value: tf.compat.v1.Summary.Value) -> np.ndarray:
+    """The one PNG of an image-plugin summary, checked against its width/height header."""
+    width, height, *pngs = value.tensor.string_val
+    assert len(pngs) == 1
+    picture = tf.io.decode_png(pngs[0]).numpy()
+    assert picture.shape == (int(height), int(width), 3)
+    return picture
+
+
+def scalar(value: tf.compat.v1.Summary.Value) -> float:
+    return float(tf.make_ndarray(value.tensor))
+
+
+def fit(model, data, callback, *, epochs=2, **kwargs):
+    x, y = data
+    return model.fit(x, y, epochs=epochs, batch_size=16, callbacks=[callback], verbose=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """One 2-epoch fit (4 steps each) with regions, true-label targets and update_freq=3.
+
+    A spy and an EarlyStopping on the cue mass are listed after the callback.
+    """
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, SIZE, SIZE, 3), dtype=np.float32), rng.integers(0, 3, 64)
+    log_dir = tmp_path_factory.mktemp("logs")
+    centre = np.zeros((SIZE, SIZE), bool)
+    centre[4:12, 4:12] = True
+    regions = {"cue": np.array([0, 0, 5, 5]), "object": centre}
+    callback = GradCAMCallback(
+        (x[:8], y[:8]),
+        log_dir=log_dir,
+        target="true",
+        max_images=3,
+        regions=regions,
+        update_freq=3,
+    )
+    seen: list[dict] = []
+    spy = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(dict(logs)))
+    stop = keras.callbacks.EarlyStopping(monitor="gradcam/cue_mass", mode="min", patience=5)
+    model = make_model()
+    history = model.fit(x, y, epochs=2, batch_size=16, callbacks=[callback, spy, stop], verbose=0)
+    return SimpleNamespace(
+        x=x,
+        y=y,
+        model=model,
+        callback=callback,
+        history=history,
+        seen=seen,
+        stop=stop,
+        log_dir=log_dir,
+        events=read_events(log_dir),
+        centre=centre,
+    )
+
+
+def test_tags_image_count_and_size_per_step(trained):
+    """Each log writes max_images 16×16 overlays, a targets table and one scalar per region."""
+    epoch_tags = {"gradcam/image_0", "gradcam/image_1", "gradcam/image_2", "gradcam/targets"}
+    epoch_tags |= {"gradcam/cue_mass", "gradcam/object_mass"}
+    batch_tags = {tag.replace("gradcam/", "gradcam_batch/") for tag in epoch_tags}
+    assert {tag for _, tag, _ in trained.events} == epoch_tags | batch_tags
+    for tag in epoch_tags:
+        assert [step for step, t, _ in trained.events if t == tag] == [0, 1]
+    plugins = {tag: value.metadata.plugin_data.plugin_name for _, tag, value in trained.events}
+    assert plugins["gradcam/image_0"] == "images"
+    assert plugins["gradcam/cue_mass"] == "scalars"
+    assert plugins["gradcam/targets"] == "text"
+    for _, tag, value in trained.events:
+        if "/image_" in tag:
+            assert decode_image(value).shape == (SIZE, SIZE, 3)
+    assert os.listdir(trained.log_dir) == ["gradcam"]
+
+
+def test_update_freq_logs_every_n_optimizer_steps(trained):
+    """update_freq=3 with 4 steps per epoch writes batch summaries after steps 3 and 6 only."""
+    for tag in ("gradcam_batch/image_2", "gradcam_batch/targets", "gradcam_batch/cue_mass"):
+        assert [step for step, t, _ in trained.events if t == tag] == [3, 6]
+
+
+def test_overlays_and_masses_match_the_engine(trained):
+    """Logged overlays and masses equal those of the engine's maps for the final weights."""
+    x, labels = trained.x[:8], trained.y[:8].astype(np.int32)
+    heatmaps = GradCAM(trained.model, "last_conv")(x, labels).heatmaps
+    expected = overlay(x, heatmaps)
+    last = {tag: value for step, tag, value in trained.events if step == 1}
+    for i in range(3):
+        np.testing.assert_allclose(decode_image(last[f"gradcam/image_{i}"]), expected[i], atol=1)
+    cue = np.zeros((SIZE, SIZE))
+    cue[:5, :5] = 1
+    for name, mask in {"cue": cue, "object": trained.centre}.items():
+        mass = np.mean((heatmaps * mask).sum((1, 2)) / heatmaps.sum((1, 2)))
+        np.testing.assert_allclose(scalar(last[f"gradcam/{name}_mass"]), mass, rtol=1e-5)
+        history = trained.history.history[f"gradcam/{name}_mass"]
+        np.testing.assert_allclose(history[-1], mass, rtol=1e-5)
+
+
+def test_masses_reach_later_callbacks_through_logs(trained):
+    """Callbacks listed after GradCAMCallback (EarlyStopping) see logs['gradcam/cue_mass']."""
+    assert len(trained.seen) == 2
+    for logs in trained.seen:
+        assert 0.0 <= logs["gradcam/cue_mass"] <= 1.0
+        assert 0.0 <= logs["gradcam/object_mass"] <= 1.0
+    assert trained.stop.best == min(logs["gradcam/cue_mass"] for logs in trained.seen)
+
+
+def test_traced_once_and_second_fit_reuses_the_instance(tmp_path, data):
+    """One build and trace across epochs and fits; each fit closes its writer; freq=2 skips."""
+    model = make_model()
+    callback = GradCAMCallback(data[0][:3], log_dir=tmp_path, freq=2, update_freq=2)
+    fit(model, data, callback, epochs=3)
+    explainer = callback.explainer
+    assert explainer.trace_count == 1
+    assert callback._writer is None  # closed in on_train_end
+    fit(model, data, callback, epochs=2)
+    assert callback.explainer is explainer
+    assert explainer.trace_count == 1
+    assert len(glob.glob(str(tmp_path / "gradcam" / "events.*"))) == 2
+    events = read_events(tmp_path)
+    batch_steps = [s for s, tag, _ in events if tag == "gradcam_batch/image_0"]
+    assert batch_steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # the optimizer's count
+    assert [s for s, tag, _ in events if tag == "gradcam/image_0"] == [0, 2, 0]
+
+
+def test_weights_identical_with_and_without_callback(tmp_path, data, regions):
+    """Same seed, same data: training with the callback gives bit-identical weights and losses."""
+    runs = []
+    callback = GradCAMCallback(data[0][:4], log_dir=tmp_path, update_freq=1, regions=regions)
+    for callbacks in ([], [callback]):
+        model = make_model(dropout=True)
+        keras.utils.set_random_seed(11)
+        history = model.fit(*data, epochs=2, batch_size=16, callbacks=callbacks, verbose=0)
+        runs.append((model.get_weights(), history.history["loss"]))
+    (weights_a, loss_a), (weights_b, loss_b) = runs
+    assert loss_a == loss_b
+    assert len(weights_a) == len(weights_b)
+    for a, b in zip(weights_a, weights_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class _Broken:
+    """An explainer that raises on every call."""
+
+    layer = "broken"
+
+    def __init__(self, *args):
+        self.calls = 0
+
+    def __call__(self, images, target):
+        self.calls += 1
+        raise RuntimeError("explainer exploded")
+
+
+class _BreaksAfterWriting(GradCAMCallback):
+    """Opens its writer, then fails: the writer must still be closed at the end of fit."""
+
+    def _log(self, prefix, step, logs):
+        with self.writer.as_default():
+            pass
+        raise OSError("disk full")
+
+
+def test_failures_become_warnings_then_disable(tmp_path, data, monkeypatch):
+    """When the explainer raises, fit runs every epoch; after 3 failures the callback stops."""
+    monkeypatch.setitem(callback_module._EXPLAINERS, "gradcam", _Broken)
+    callback = GradCAMCallback(data[0][:2], log_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(make_model(), data, callback, epochs=MAX_FAILURES + 1)
+    assert len(history.history["loss"]) == MAX_FAILURES + 1
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    failures = [m for m in messages if "explainer exploded" in m]
+    assert len(failures) == MAX_FAILURES
+    assert "RuntimeError: explainer exploded" in failures[0]
+    assert sum("disabled itself" in m for m in messages) == 1
+    assert callback.explainer.calls == MAX_FAILURES
+    assert not (tmp_path / "gradcam").exists()  # the writer is created only to write
+
+
+def test_writer_closed_after_the_callback_disabled_itself(tmp_path, data):
+    """A writer opened before the failures is closed in on_train_end all the same."""
+    callback = _BreaksAfterWriting(data[0][:2], log_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(make_model(), data, callback, epochs=MAX_FAILURES + 1)
+    assert sum("OSError: disk full" in str(w.message) for w in caught) == MAX_FAILURES
+    assert callback._writer is None
+
+
+def test_strict_reraises(tmp_path, data, monkeypatch):
+    """strict=True lets the explainer's exception stop fit."""
+    monkeypatch.setitem(callback_module._EXPLAINERS, "gradcam", _Broken)
+    callback = GradCAMCallback(data[0][:2], log_dir=tmp_path, strict=True)
+    with pytest.raises(RuntimeError, match="explainer exploded"):
+        fit(make_model(), data, callback, epochs=1)
+
+
+def test_mixed_precision(tmp_path, data, regions):
+    """Under mixed_float16 the callback writes float32-computed overlays and finite masses."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_model()
+        assert model.get_layer("last_conv").compute_dtype == "float16"
+        callback = GradCAMCallback(data[0][:4], log_dir=tmp_path, regions=regions, strict=True)
+        history = fit(model, data, callback)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    masses = history.history["gradcam/object_mass"]
+    assert len(masses) == 2 and all(0.0 < m <= 1.0 for m in masses)
+    images = [value for _, tag, value in read_events(tmp_path) if tag == "gradcam/image_3"]
+    assert len(images) == 2 and decode_image(images[-1]).std() > 0
+
+
+_MIRRORED_SCRIPT = """
+import importlib.abc, os, sys
+
+class _NoTensorBoard(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorboard":
+            raise ImportError("tensorboard is blocked in this test")
+
+sys.meta_path.insert(0, _NoTensorBoard())
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+from tf_gradcam import GradCAMCallback
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+with strategy.scope():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(5, 3, activation="relu", name="last_conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+rng = np.random.default_rng(0)
+x, y = rng.random((64, 16, 16, 3), dtype=np.float32), rng.integers(0, 3, 64)
+callback = GradCAMCallback(
+    (x[:4], y[:4]), log_dir=sys.argv[1], target="true", update_freq=2, strict=True,
+    regions={"cue": np.array([0, 0, 5, 5])},
+)
+history = model.fit(x, y, epochs=2, batch_size=16, callbacks=[callback], verbose=0)
+assert len(history.history["gradcam/cue_mass"]) == 2
+assert callback.explainer.trace_count == 1
+print("OK")
+"""
+
+
+def test_mirrored_strategy_writes_one_set(tmp_path):
+    """MirroredStrategy on 2 logical CPUs, tensorboard blocked: each tag/step written once."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_MIRRORED_SCRIPT), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK")
+    assert len(glob.glob(str(tmp_path / "gradcam" / "events.*"))) == 1
+    written = [(step, tag) for step, tag, _ in read_events(tmp_path)]
+    assert len(written) == len(set(written))
+    assert sorted({s for s, tag in written if tag == "gradcam_batch/image_0"}) == [2, 4, 6, 8]
+    assert sorted({s for s, tag in written if tag == "gradcam/cue_mass"}) == [0, 1]
+
+
+def test_dataset_sample_with_one_hot_labels(data):
+    """A batched (images, one-hot labels) dataset is sampled to max_images images and indices."""
+    x, y = data
+    dataset = tf.data.Dataset.from_tensor_slices((x, np.eye(3, dtype=np.float32)[y])).batch(4)
+    callback = GradCAMCallback(dataset, target="true", max_images=6)
+    np.testing.assert_array_equal(callback.images, x[:6])
+    np.testing.assert_array_equal(callback.labels, y[:6])
+    unbatched = GradCAMCallback(tf.data.Dataset.from_tensor_slices(x).repeat(), max_images=2)
+    np.testing.assert_array_equal(unbatched.images, x[:2])
+    assert unbatched.labels is None
+
+
+def test_boxes_and_masks_give_the_same_region():
+    """A box (y_min, x_min, y_max, x_max), max exclusive, equals the mask it describes."""
+    mask = np.zeros((3, SIZE, SIZE), bool)
+    mask[:, 2:9, 5:16] = True
+    boxes = np.tile([2, 5, 9, 16], (3, 1))
+    regions = {"boxes": boxes, "masks": mask, "box": boxes[0], "mask": mask[0]}
+    resolved = callback_module._region_masks(regions, (3, SIZE, SIZE))
+    for name in regions:
+        np.testing.assert_array_equal(np.broadcast_to(resolved[name], mask.shape), mask)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "lime"}, "Received: method='lime'"),
+        ({"method": "guided_gradcam"}, "GuidedGradCAM"),
+        ({"freq": -1}, "Received: freq=-1"),
+        ({"freq": 0}, "nothing would be logged"),
+        ({"update_freq": 0}, "Received: update_freq=0"),
+        ({"max_images": 0}, "Received: max_images=0"),
+        ({"target": TopK(2)}, "TopK"),
+        ({"target": "true"}, "needs labels"),
+        ({"target": [0, 1]}, "gives 2 classes for 4 images"),
+        ({"regions": {"cue": np.zeros((3, SIZE, SIZE))}}, "Received shape (3, 16, 16)"),
+        ({"regions": {"a cue": np.zeros((SIZE, SIZE))}}, "Region names"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(data, kwargs, message):
+    """Wrong options fail in __init__, naming the argument and the received value."""
+    kwargs = {"max_images": 2, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GradCAMCallback(data[0][:4], **kwargs)

@@ -1,0 +1,561 @@
+"""Training-time explanations: a Keras callback that writes Grad-CAM to TensorBoard.
+
+During `model.fit`, `GradCAMCallback` explains a fixed sample of images with
+the model's current weights and writes colour overlays to TensorBoard's image
+panel. Given masks or boxes of named regions, it also measures the share of
+Grad-CAM mass inside each region, the signal the paper uses in §6.3 to catch
+a model that learned a dataset bias, and puts it in `logs` so other callbacks
+can act on it.
+
+The summaries are written with `tf.summary.write` in the formats of
+TensorBoard's image, scalar and text plugins, so training needs no
+`tensorboard` package; it is needed only to view the logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_gradcam.gradcam import GradCAM
+from tf_gradcam.image import overlay
+from tf_gradcam.targets import TopK
+
+__all__ = ["GradCAMCallback"]
+
+#: Subdirectory of `log_dir` holding this callback's event files (a TensorBoard run).
+RUN_NAME = "gradcam"
+#: Consecutive failures after which the callback stops trying for the rest of a `fit`.
+MAX_FAILURES = 3
+_EPOCH_PREFIX = "gradcam"
+_BATCH_PREFIX = "gradcam_batch"
+_REGION_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class GradCAMCallback(keras.callbacks.Callback):
+    """Logs Grad-CAM maps of a fixed image sample to TensorBoard during training.
+
+    Implements the training-time use of Grad-CAM (Selvaraju et al., §6.3,
+    "Identifying bias in dataset"): after every `freq` epochs (and optionally
+    every `update_freq` batches) the callback explains the same images with
+    the current weights, writes their overlays to TensorBoard's image panel
+    and, if `regions` are given, the fraction of Grad-CAM mass inside each
+    region. The paper inspects the maps of a trained model by eye; measuring
+    the mass inside annotated regions, per epoch, is this library's addition
+    so that attention drifting onto a spurious cue can be plotted, alerted on
+    or used to stop training.
+
+    The explainer (`tf_gradcam.GradCAM`) is built once per model and shares
+    its weights, so it is traced once and sees the current weights at every
+    call. The callback never changes training: it runs the model in
+    inference mode, draws no random numbers, and turns any exception of its
+    own into a warning (see `strict`).
+
+    Event files go to `log_dir/gradcam` (a TensorBoard run of its own, next
+    to the `train` and `validation` runs of `keras.callbacks.TensorBoard`).
+    Epoch summaries use the epoch as step; batch summaries use the number of
+    optimizer steps taken. Tags:
+
+    - `gradcam/image_<i>`: overlay of sample image `i` (`max_images` of them).
+    - `gradcam/targets`: a text table of the explained class and score per image.
+    - `gradcam/<region>_mass`: scalar, mean fraction of Grad-CAM mass inside
+      `<region>`; also added to the epoch `logs` under the same key.
+    - `gradcam_batch/...`: the same, every `update_freq` batches.
+
+    Args:
+        images: the images to explain, fixed at construction: a
+            `(batch, height, width, channels)` array, a tuple
+            `(images, labels)`, or a `tf.data.Dataset` yielding images or
+            `(images, labels[, sample_weights])`, batched or not, from which
+            the first `max_images` images are taken. Labels are class indices
+            or one-hot rows. Images are shown as given: floats in [0, 1] or
+            values in [0, 255].
+        log_dir: directory of the TensorBoard logs, as for
+            `keras.callbacks.TensorBoard`.
+        target: which class to explain: `None` (the predicted class, chosen
+            again at each log), `"true"` (the labels given with `images`),
+            an int (that class for every image), one int per image, or a
+            callable `outputs -> (batch,)` score (see `tf_gradcam.targets`).
+        layer: the convolutional layer to explain (name, `"outer/inner"`
+            path, `Layer` or `None` for the last 4-D layer).
+        method: `"gradcam"`. `"guided_gradcam"` is reserved for Guided
+            Grad-CAM and raises until that method is available.
+        freq: log every `freq` epochs (epochs 0, freq, 2·freq, ... as
+            `histogram_freq` of `keras.callbacks.TensorBoard`); 0 turns epoch
+            logging off.
+        update_freq: `"epoch"` (no batch-level logging), `"batch"` (same as
+            1) or an int N: also log after every N optimizer steps, under
+            `gradcam_batch/`.
+        max_images: how many overlays are written per log. Without
+            `regions`, only the first `max_images` images are kept; with
+            `regions`, every image is explained for the region masses.
+        regions: optional `{name: masks}` of regions whose Grad-CAM mass is
+            measured. Each value is per-image masks `(batch, height, width)`
+            (bool or weights in [0, 1]), per-image boxes `(batch, 4)`, one mask
+            `(height, width)` or one box `(4,)` for all images. Boxes are
+            `(y_min, x_min, y_max, x_max)` in pixels, max exclusive (the order
+            of `tf.image`).
+        strict: re-raise exceptions raised inside the callback instead of
+            warning. By default an error becomes a `RuntimeWarning` naming its
+            cause, and after `MAX_FAILURES` consecutive errors the callback
+            disables itself until the next `fit`.
+
+    Raises:
+        ValueError: an argument of the wrong form or value, regions that do
+            not match the images, `target="true"` without labels, or a
+            `TopK` target (log one class per image).
+
+    Example:
+        >>> cam_logger = tf_gradcam.GradCAMCallback(
+        ...     (x_val[:64], y_val[:64]), log_dir="logs", target="true",
+        ...     regions={"cue": cue_masks, "object": object_boxes})
+        >>> stop = keras.callbacks.EarlyStopping(
+        ...     monitor="gradcam/cue_mass", mode="min", patience=2)
+        >>> model.fit(x, y, epochs=10, callbacks=[cam_logger, stop])
+        >>> model.history.history["gradcam/cue_mass"]   # one value per epoch
+    """
+
+    def __init__(
+        self,
+        images: Any,
+        *,
+        log_dir: str | os.PathLike = "logs",
+        target: Any = None,
+        layer: str | keras.layers.Layer | None = None,
+        method: str = "gradcam",
+        freq: int = 1,
+        update_freq: str | int = "epoch",
+        max_images: int = 4,
+        regions: dict[str, Any] | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_options(method, freq, update_freq, max_images)
+        sample, labels = _take_sample(images, max_images)
+        _check_target(target, labels, len(sample))
+        if regions is None:
+            sample = sample[:max_images]
+            labels = None if labels is None else labels[:max_images]
+            if _is_per_image(target):
+                target = np.asarray(target)[:max_images]
+        self.images = sample
+        self.labels = labels
+        self.log_dir = str(log_dir)
+        self.target = target
+        self.layer = layer
+        self.method = method
+        self.freq = freq
+        self.update_freq = 1 if update_freq == "batch" else update_freq
+        self.max_images = max_images
+        self.regions = _region_masks(regions, sample.shape[:3])
+        self.strict = strict
+        if self.update_freq != "epoch":
+            # Defined per instance so that, without batch logging, Keras still
+            # sees the default hook and keeps dispatching batch ends asynchronously.
+            self.on_train_batch_end = self._on_train_batch_end
+
+        self._explainer: Any = None
+        self._explained_model: keras.Model | None = None
+        self._writer: Any = None
+        self._failures = 0
+        self._disabled = False
+        self._step = 0
+        self._epoch_start_step = 0
+
+    # ------------------------------------------------------------ Keras hooks
+
+    def set_model(self, model: keras.Model) -> None:
+        """Sets the model and resets the writer (a new `fit` gets a new event file)."""
+        super().set_model(model)
+        self._guarded("set_model", self._close_writer)  # left open if a fit was interrupted
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._failures = 0
+        self._disabled = False
+        self._step = self._guarded("on_train_begin", self._optimizer_steps) or 0
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._disabled = False  # release the writer even after repeated failures
+        self._guarded("on_train_end", self._close_writer)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start_step = self._step
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.freq and epoch % self.freq == 0:
+            self._guarded(f"epoch {epoch}", self._log, _EPOCH_PREFIX, epoch, logs)
+
+    def _on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        previous, self._step = self._step, self._epoch_start_step + batch + 1
+        if self._step // self.update_freq > previous // self.update_freq:
+            self._guarded(f"step {self._step}", self._log, _BATCH_PREFIX, self._step, None)
+
+    # --------------------------------------------------------------- helpers
+
+    def _guarded(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn`; unless `strict`, turn an exception into a warning."""
+        if self._disabled:
+            return None
+        try:
+            result = fn(*args)
+        except Exception as error:
+            if self.strict:
+                raise
+            self._failures += 1
+            warnings.warn(
+                f"GradCAMCallback failed at {where} and skipped it; training continues. "
+                f"Cause: {type(error).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if self._failures >= MAX_FAILURES:
+                self._disabled = True
+                warnings.warn(
+                    f"GradCAMCallback disabled itself for the rest of this fit after "
+                    f"{self._failures} consecutive failures. Pass strict=True to see the "
+                    "full traceback.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return None
+        self._failures = 0
+        return result
+
+    def _optimizer_steps(self) -> int:
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        return 0 if iterations is None else int(iterations.numpy())
+
+    @property
+    def explainer(self) -> Any:
+        """The explainer for the current model, built on first use and then reused."""
+        if self._explainer is None or self._explained_model is not self.model:
+            self._explainer = _EXPLAINERS[self.method](self.model, self.layer)
+            self._explained_model = self.model
+        return self._explainer
+
+    @property
+    def writer(self) -> Any:
+        """The summary writer of `log_dir/gradcam`, created on first use."""
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, RUN_NAME))
+        return self._writer
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _resolved_target(self) -> Any:
+        return self.labels if isinstance(self.target, str) else self.target
+
+    def _log(self, prefix: str, step: int, logs: dict | None) -> None:
+        """Explain the sample, write its summaries and add the masses to `logs`."""
+        heatmaps, pictures, classes, scores = self.explainer(self.images, self._resolved_target())
+        masses = {
+            f"{_EPOCH_PREFIX}/{name}_mass": _region_mass(heatmaps, mask)
+            for name, mask in self.regions.items()
+        }
+        shown = min(self.max_images, len(pictures))
+        width = len(str(shown - 1))
+        layer = self.explainer.layer
+        with self.writer.as_default():
+            for i in range(shown):
+                _write_image(
+                    f"{prefix}/image_{i:0{width}d}",
+                    pictures[i],
+                    step,
+                    f"Grad-CAM of sample image {i} at layer `{layer}`.",
+                )
+            _write_text(f"{prefix}/targets", _targets_table(classes, scores, shown), step)
+            for key, value in masses.items():
+                tag = prefix + key[len(_EPOCH_PREFIX) :]
+                _write_scalar(tag, value, step)
+        self.writer.flush()
+        if logs is not None:
+            logs.update(masses)
+
+
+# ------------------------------------------------------------------ explainers
+
+
+class _GradCAMExplainer:
+    """Grad-CAM heatmaps and their colour overlays for the callback."""
+
+    def __init__(self, model: keras.Model, layer: Any) -> None:
+        self.cam = GradCAM(model, layer)
+
+    @property
+    def layer(self) -> str:
+        return self.cam.layer
+
+    @property
+    def trace_count(self) -> int:
+        return self.cam.trace_count
+
+    def __call__(self, images: np.ndarray, target: Any) -> tuple[np.ndarray, ...]:
+        """Returns `(heatmaps, pictures, classes, scores)` for the images."""
+        result = self.cam(images, target)
+        return result.heatmaps, overlay(images, result.heatmaps), result.classes, result.scores
+
+
+def _guided_gradcam_unavailable(model: keras.Model, layer: Any) -> Any:
+    raise ValueError(
+        "method='guided_gradcam' needs tf_gradcam.GuidedGradCAM, which this version does "
+        "not include yet. Received: method='guided_gradcam'. Use method='gradcam'."
+    )
+
+
+#: How each `method` builds its explainer: `(model, layer) -> explainer`, where
+#: `explainer(images, target)` returns `(heatmaps, pictures, classes, scores)`
+#: (Grad-CAM heatmaps for the masses, uint8 RGB pictures to show) and the
+#: explainer has `layer` and `trace_count` properties.
+_EXPLAINERS: dict[str, Callable[[keras.Model, Any], Any]] = {
+    "gradcam": _GradCAMExplainer,
+    "guided_gradcam": _guided_gradcam_unavailable,
+}
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def _check_options(method: str, freq: int, update_freq: str | int, max_images: int) -> None:
+    if method not in _EXPLAINERS:
+        raise ValueError(
+            f"`method` must be one of {sorted(_EXPLAINERS)}. Received: method={method!r}."
+        )
+    if method == "guided_gradcam":
+        _guided_gradcam_unavailable(None, None)  # fail at construction, not mid-fit
+    if not _is_count(freq, minimum=0):
+        raise ValueError(f"`freq` must be an int >= 0 (epochs). Received: freq={freq!r}.")
+    if update_freq not in ("epoch", "batch") and not _is_count(update_freq, minimum=1):
+        raise ValueError(
+            "`update_freq` must be 'epoch', 'batch' or an int >= 1 (optimizer steps). Received: "
+            f"update_freq={update_freq!r}."
+        )
+    if freq == 0 and update_freq == "epoch":
+        raise ValueError(
+            "With freq=0 and update_freq='epoch' nothing would be logged. Received: "
+            "freq=0, update_freq='epoch'. Set freq >= 1 or update_freq to an int."
+        )
+    if not _is_count(max_images, minimum=1):
+        raise ValueError(f"`max_images` must be an int >= 1. Received: max_images={max_images!r}.")
+
+
+def _is_count(value: Any, *, minimum: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_per_image(target: Any) -> bool:
+    return isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, str)
+
+
+def _check_target(target: Any, labels: np.ndarray | None, count: int) -> None:
+    if isinstance(target, TopK):
+        raise ValueError(
+            "The callback logs one map per image; TopK gives k. Received: "
+            f"target={target!r}. Log one class with an int, or several callbacks."
+        )
+    if isinstance(target, str):
+        if target != "true":
+            raise ValueError(
+                "`target` must be None, 'true', an int, one int per image or a callable. "
+                f"Received: target={target!r}."
+            )
+        if labels is None:
+            raise ValueError(
+                "target='true' needs labels: pass `images` as a tuple (images, labels) or "
+                "a tf.data.Dataset yielding (images, labels). Received images without labels."
+            )
+    elif _is_per_image(target) and len(target) != count:
+        raise ValueError(
+            f"`target` gives {len(target)} classes for {count} images; give one per image "
+            "or a single int."
+        )
+
+
+def _take_sample(images: Any, max_images: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The fixed sample: `(images, labels or None)` as NumPy arrays."""
+    if isinstance(images, tf.data.Dataset):
+        images, labels = _sample_dataset(images, max_images)
+    elif isinstance(images, tuple):
+        if len(images) not in (2, 3):
+            raise ValueError(
+                "A tuple `images` must be (images, labels) or (images, labels, weights). "
+                f"Received a tuple of length {len(images)}."
+            )
+        images, labels = np.asarray(images[0]), np.asarray(images[1])
+    elif isinstance(images, (np.ndarray, tf.Tensor, list)):
+        images, labels = np.asarray(images), None
+    else:
+        raise ValueError(
+            "`images` must be an array (batch, height, width, channels), a tuple "
+            "(images, labels) or a tf.data.Dataset. Received: "
+            f"images of type {type(images).__name__}."
+        )
+    if images.ndim != 4:
+        raise ValueError(
+            "`images` must be a batch (batch, height, width, channels). Received shape "
+            f"{images.shape}."
+        )
+    if len(images) == 0:
+        raise ValueError(f"`images` holds no image. Received shape {images.shape}.")
+    if labels is not None:
+        labels = _class_indices(labels, len(images))
+    return images, labels
+
+
+def _sample_dataset(dataset: tf.data.Dataset, count: int) -> tuple[np.ndarray, Any]:
+    spec = dataset.element_spec
+    if isinstance(spec, tuple):
+        if len(spec) not in (2, 3) or not isinstance(spec[0], tf.TensorSpec):
+            raise ValueError(
+                "A dataset must yield images or (images, labels[, weights]) tensors. "
+                f"Received element_spec={spec}."
+            )
+        image_spec = spec[0]
+    elif isinstance(spec, tf.TensorSpec):
+        image_spec = spec
+    else:
+        raise ValueError(
+            "A dataset must yield images or (images, labels[, weights]) tensors. "
+            f"Received element_spec={spec}."
+        )
+    if image_spec.shape.rank == 4:
+        dataset = dataset.unbatch()
+    elif image_spec.shape.rank != 3:
+        raise ValueError(
+            "The dataset's images must be (height, width, channels) or batches of them. "
+            f"Received element_spec={spec}."
+        )
+    elements = list(dataset.take(count).as_numpy_iterator())
+    if not elements:
+        raise ValueError("The dataset is empty; the callback needs images to explain.")
+    if isinstance(spec, tuple):
+        return np.stack([e[0] for e in elements]), np.stack([e[1] for e in elements])
+    return np.stack(elements), None
+
+
+def _class_indices(labels: np.ndarray, count: int) -> np.ndarray:
+    """Class indices `(batch,)` from indices, `(batch, 1)` indices or one-hot rows."""
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        labels = labels.argmax(axis=1)
+    labels = labels.reshape(len(labels), -1)
+    if labels.shape != (count, 1):
+        raise ValueError(
+            f"Labels must give one class per image ({count} images). Received labels of "
+            f"shape {labels.shape}."
+        )
+    return labels[:, 0].astype(np.int32)
+
+
+def _region_masks(regions: dict[str, Any] | None, shape: tuple[int, ...]) -> dict:
+    """`{name: (batch or 1, height, width) float32 mask}` from masks or boxes."""
+    if regions is None:
+        return {}
+    if not isinstance(regions, dict) or not regions:
+        raise ValueError(
+            "`regions` must be a non-empty dict {name: masks or boxes}. Received: "
+            f"regions of type {type(regions).__name__}."
+        )
+    count, height, width = shape
+    masks = {}
+    for name, value in regions.items():
+        if not isinstance(name, str) or not _REGION_NAME.match(name):
+            raise ValueError(
+                "Region names must be non-empty strings of letters, digits, '_', '.' or "
+                f"'-' (they become TensorBoard tags). Received: {name!r}."
+            )
+        array = np.asarray(value)
+        is_boxes = array.shape in ((4,), (count, 4))
+        is_mask = array.shape in ((height, width), (count, height, width))
+        if is_boxes and is_mask:
+            raise ValueError(
+                f"Region {name!r} of shape {array.shape} could be boxes or a mask; pass "
+                f"per-image masks of shape {(count, height, width)}."
+            )
+        if is_boxes:
+            masks[name] = _boxes_to_masks(array.reshape(-1, 4), height, width)
+        elif is_mask:
+            masks[name] = array.reshape(-1, height, width).astype(np.float32)
+        else:
+            raise ValueError(
+                f"Region {name!r} must be masks {(count, height, width)} or "
+                f"{(height, width)}, or boxes {(count, 4)} or (4,) matching the "
+                f"{count} images of size {height}x{width}. Received shape {array.shape}."
+            )
+    return masks
+
+
+def _boxes_to_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    rows = np.arange(height)[None, :, None]
+    cols = np.arange(width)[None, None, :]
+    y0, x0, y1, x1 = (boxes[:, i, None, None] for i in range(4))
+    return ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- the metric
+
+
+def _region_mass(heatmaps: np.ndarray, mask: np.ndarray) -> float:
+    """Mean over images of `Σ heatmap·mask / Σ heatmap`; all-zero maps are skipped.
+
+    Returns NaN when every map is all zero.
+    """
+    total = heatmaps.sum(axis=(1, 2), dtype=np.float64)
+    inside = (heatmaps * mask).sum(axis=(1, 2), dtype=np.float64)
+    valid = total > 0
+    if not valid.any():
+        return float("nan")
+    return float(np.mean(inside[valid] / total[valid]))
+
+
+# ------------------------------------------------------------------ summaries
+# TensorBoard's plugin formats, written with tf.summary.write so that training
+# does not need the tensorboard package (tf.summary.image/scalar/text do).
+
+
+def _metadata(plugin: str, data_class: str, description: str = "") -> Any:
+    return tf.compat.v1.SummaryMetadata(
+        summary_description=description,
+        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name=plugin, content=b""),
+        data_class=data_class,
+    )
+
+
+def _write_image(tag: str, picture: np.ndarray, step: int, description: str) -> None:
+    """One uint8 `(height, width, 3)` picture in the image plugin's format."""
+    height, width = picture.shape[:2]
+    png = tf.image.encode_png(picture)
+    tensor = tf.stack([tf.constant(str(width)), tf.constant(str(height)), png])
+    metadata = _metadata("images", "DATA_CLASS_BLOB_SEQUENCE", description)
+    tf.summary.write(tag, tensor, step=step, metadata=metadata)
+
+
+def _write_scalar(tag: str, value: float, step: int) -> None:
+    tf.summary.write(
+        tag,
+        tf.constant(value, tf.float32),
+        step=step,
+        metadata=_metadata("scalars", "DATA_CLASS_SCALAR"),
+    )
+
+
+def _write_text(tag: str, text: str, step: int) -> None:
+    tf.summary.write(
+        tag, tf.constant(text), step=step, metadata=_metadata("text", "DATA_CLASS_TENSOR")
+    )
+
+
+def _targets_table(classes: Any, scores: np.ndarray, count: int) -> str:
+    rows = ["| image | class | score |", "|---|---|---|"]
+    for i in range(count):
+        label = "—" if classes is None else str(int(classes[i]))
+        rows.append(f"| {i} | {label} | {float(scores[i]):.4g} |")
+    return "\n".join(rows)

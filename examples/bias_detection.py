@@ -46,7 +46,7 @@ except ImportError:  # run from a source checkout without installing
     import tf_gradcam
 
 SIZE = 32
-CUE = (0, 0, 8, 8)  # (y_min, x_min, y_max, x_max) of the coloured patch
+CUE = (0, 0, 8, 8)  # (x0, y0, x1, y1) of the coloured patch, ends exclusive
 CUE_COLOURS = np.array([[1.0, 0.15, 0.1], [0.1, 0.8, 0.1]], np.float32)  # class 0 red, 1 green
 CLASS_NAMES = ("disk", "square")
 
@@ -67,14 +67,14 @@ def make_scenes(
     Returns:
         `(images, labels, cue_boxes, object_boxes)`: float32 `(count, 32, 32, 3)`
         in [0, 1], int labels (0 disk, 1 square), and `(count, 4)` boxes
-        `(y_min, x_min, y_max, x_max)` of the patch and of the object.
+        `(x0, y0, x1, y1)` (ends exclusive) of the patch and of the object.
     """
     images = rng.uniform(0.25, 0.45, (count, SIZE, SIZE, 1)).astype(np.float32)
     images = np.repeat(images, 3, axis=-1)
     labels = rng.integers(0, 2, count)
     agree = rng.random(count) < cue_agreement
     cue_class = np.where(agree, labels, 1 - labels)
-    y0, x0, y1, x1 = CUE
+    x0, y0, x1, y1 = CUE
     images[:, y0:y1, x0:x1] = CUE_COLOURS[cue_class][:, None, None, :]
     rows, cols = np.mgrid[:SIZE, :SIZE]
     object_boxes = np.zeros((count, 4), np.int64)
@@ -88,7 +88,7 @@ def make_scenes(
             inside = (np.abs(rows - cy) <= half) & (np.abs(cols - cx) <= half)
         images[i][inside] = rng.uniform(0.8, 1.0)
         ys, xs = np.nonzero(inside)
-        object_boxes[i] = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+        object_boxes[i] = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
     cue_boxes = np.tile(np.array(CUE), (count, 1))
     return images, labels, cue_boxes, object_boxes
 
@@ -201,7 +201,7 @@ def box_mass(model: keras.Model, images: np.ndarray, boxes: np.ndarray) -> float
     """Mean fraction of Grad-CAM mass inside per-image boxes (the callback's metric)."""
     heatmaps = tf_gradcam.GradCAM(model, "last_conv")(images).heatmaps
     rows, cols = np.mgrid[:SIZE, :SIZE]
-    y0, x0, y1, x1 = (boxes[:, i, None, None] for i in range(4))
+    x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
     inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
     total = heatmaps.sum(axis=(1, 2))
     valid = total > 0

@@ -170,6 +170,22 @@ def test_overlays_and_masses_match_the_engine(trained):
         np.testing.assert_allclose(history[-1], mass, rtol=1e-5)
 
 
+def test_guided_gradcam_method_logs_the_guided_pictures(tmp_path, data):
+    """method='guided_gradcam' logs display-normalised Guided Grad-CAM gradients of the weights."""
+    from tf_gradcam import GuidedGradCAM
+    from tf_gradcam.image import normalize_gradients
+
+    model = make_model()
+    x = data[0][:2]
+    callback = GradCAMCallback(x, log_dir=tmp_path, method="guided_gradcam", target=1)
+    fit(model, data, callback, epochs=1)
+    expected = GuidedGradCAM(model, "last_conv")(x, target=1).gradients
+    pictures = np.round(normalize_gradients(expected) * 255.0).astype(np.uint8)
+    logged = {tag: value for _, tag, value in read_events(tmp_path)}
+    for i in range(2):
+        np.testing.assert_allclose(decode_image(logged[f"gradcam/image_{i}"]), pictures[i], atol=1)
+
+
 def test_masses_reach_later_callbacks_through_logs(trained):
     """Callbacks listed after GradCAMCallback (EarlyStopping) see logs['gradcam/cue_mass']."""
     assert len(trained.seen) == 2
@@ -357,10 +373,10 @@ def test_dataset_sample_with_one_hot_labels(data):
 
 
 def test_boxes_and_masks_give_the_same_region():
-    """A box (y_min, x_min, y_max, x_max), max exclusive, equals the mask it describes."""
+    """A box (x0, y0, x1, y1), ends exclusive, equals the mask it describes."""
     mask = np.zeros((3, SIZE, SIZE), bool)
-    mask[:, 2:9, 5:16] = True
-    boxes = np.tile([2, 5, 9, 16], (3, 1))
+    mask[:, 2:9, 5:16] = True  # rows 2..8, columns 5..15
+    boxes = np.tile([5, 2, 16, 9], (3, 1))
     regions = {"boxes": boxes, "masks": mask, "box": boxes[0], "mask": mask[0]}
     resolved = callback_module._region_masks(regions, (3, SIZE, SIZE))
     for name in regions:
@@ -371,7 +387,6 @@ def test_boxes_and_masks_give_the_same_region():
     ("kwargs", "message"),
     [
         ({"method": "lime"}, "Received: method='lime'"),
-        ({"method": "guided_gradcam"}, "GuidedGradCAM"),
         ({"freq": -1}, "Received: freq=-1"),
         ({"freq": 0}, "nothing would be logged"),
         ({"update_freq": 0}, "Received: update_freq=0"),

@@ -25,7 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_gradcam.gradcam import GradCAM
-from tf_gradcam.image import overlay
+from tf_gradcam.guided import GuidedGradCAM
+from tf_gradcam.image import normalize_gradients, overlay
 from tf_gradcam.targets import TopK
 
 __all__ = ["GradCAMCallback"]
@@ -85,8 +86,9 @@ class GradCAMCallback(keras.callbacks.Callback):
             callable `outputs -> (batch,)` score (see `tf_gradcam.targets`).
         layer: the convolutional layer to explain (name, `"outer/inner"`
             path, `Layer` or `None` for the last 4-D layer).
-        method: `"gradcam"`. `"guided_gradcam"` is reserved for Guided
-            Grad-CAM and raises until that method is available.
+        method: `"gradcam"` (overlays of the heatmaps) or `"guided_gradcam"`
+            (Guided Grad-CAM gradients, display-normalised). Region masses
+            always use the Grad-CAM heatmaps.
         freq: log every `freq` epochs (epochs 0, freq, 2·freq, ... as
             `histogram_freq` of `keras.callbacks.TensorBoard`); 0 turns epoch
             logging off.
@@ -100,8 +102,8 @@ class GradCAMCallback(keras.callbacks.Callback):
             measured. Each value is per-image masks `(batch, height, width)`
             (bool or weights in [0, 1]), per-image boxes `(batch, 4)`, one mask
             `(height, width)` or one box `(4,)` for all images. Boxes are
-            `(y_min, x_min, y_max, x_max)` in pixels, max exclusive (the order
-            of `tf.image`).
+            `(x0, y0, x1, y1)` in pixels, ends exclusive — the convention of
+            `tf_gradcam.scenes` and `tf_gradcam.metrics`.
         strict: re-raise exceptions raised inside the callback instead of
             warning. By default an error becomes a `RuntimeWarning` naming its
             cause, and after `MAX_FAILURES` consecutive errors the callback
@@ -305,11 +307,19 @@ class _GradCAMExplainer:
         return result.heatmaps, overlay(images, result.heatmaps), result.classes, result.scores
 
 
-def _guided_gradcam_unavailable(model: keras.Model, layer: Any) -> Any:
-    raise ValueError(
-        "method='guided_gradcam' needs tf_gradcam.GuidedGradCAM, which this version does "
-        "not include yet. Received: method='guided_gradcam'. Use method='gradcam'."
-    )
+class _GuidedGradCAMExplainer(_GradCAMExplainer):
+    """Guided Grad-CAM pictures (§3.2); the masses still use the Grad-CAM heatmaps."""
+
+    def __init__(self, model: keras.Model, layer: Any) -> None:
+        self.cam = GuidedGradCAM(model, layer)
+
+    def __call__(self, images: np.ndarray, target: Any) -> tuple[np.ndarray, ...]:
+        result = self.cam(images, target)
+        pictures = normalize_gradients(result.gradients)
+        if pictures.shape[-1] == 1:
+            pictures = np.repeat(pictures, 3, axis=-1)
+        pictures = np.round(pictures[..., :3] * 255.0).astype(np.uint8)
+        return result.cam.heatmaps, pictures, result.classes, result.scores
 
 
 #: How each `method` builds its explainer: `(model, layer) -> explainer`, where
@@ -318,7 +328,7 @@ def _guided_gradcam_unavailable(model: keras.Model, layer: Any) -> Any:
 #: explainer has `layer` and `trace_count` properties.
 _EXPLAINERS: dict[str, Callable[[keras.Model, Any], Any]] = {
     "gradcam": _GradCAMExplainer,
-    "guided_gradcam": _guided_gradcam_unavailable,
+    "guided_gradcam": _GuidedGradCAMExplainer,
 }
 
 
@@ -330,8 +340,6 @@ def _check_options(method: str, freq: int, update_freq: str | int, max_images: i
         raise ValueError(
             f"`method` must be one of {sorted(_EXPLAINERS)}. Received: method={method!r}."
         )
-    if method == "guided_gradcam":
-        _guided_gradcam_unavailable(None, None)  # fail at construction, not mid-fit
     if not _is_count(freq, minimum=0):
         raise ValueError(f"`freq` must be an int >= 0 (epochs). Received: freq={freq!r}.")
     if update_freq not in ("epoch", "batch") and not _is_count(update_freq, minimum=1):
@@ -496,7 +504,7 @@ def _region_masks(regions: dict[str, Any] | None, shape: tuple[int, ...]) -> dic
 def _boxes_to_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     rows = np.arange(height)[None, :, None]
     cols = np.arange(width)[None, None, :]
-    y0, x0, y1, x1 = (boxes[:, i, None, None] for i in range(4))
+    x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
     return ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)).astype(np.float32)
 
 

@@ -244,13 +244,14 @@ def test_explain_function_reuses_the_engine(images, cnn):
     assert cam.model is cnn and cam.trace_count == 1
 
 
-def test_explain_cache_is_bounded_and_releases_models(images):
+def test_explain_cache_is_bounded_and_releases_models(images, monkeypatch):
     """explain() keeps at most a few explainers, so models it saw can be garbage-collected."""
     import gc
     import weakref
 
+    monkeypatch.setattr(tf_gradcam.gradcam, "_CACHE_SIZE", 2)
     refs = []
-    for i in range(tf_gradcam.gradcam._CACHE_SIZE + 3):
+    for i in range(3):
         model = make_cnn(name=f"m{i}")
         explain(model, images[:1])
         refs.append(weakref.ref(model))

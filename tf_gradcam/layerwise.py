@@ -264,7 +264,7 @@ class MultiLayerGradCAM(GradCAM):
                 "positive influence on the target there (see `Explanation.degenerate`). "
                 "This warning is shown once.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of __call__
             )
 
     def __call__(self, images: Any, target: Target = None) -> dict[str, Explanation]:
@@ -331,6 +331,7 @@ def plot_layers(
     colormap: str = "jet",
     image_titles: Sequence[str] | None = None,
     size: float = 1.8,
+    dpi: int = 100,
 ) -> Any:
     """Draw each image next to its Grad-CAM overlay at every layer (Fig. 13).
 
@@ -348,6 +349,7 @@ def plot_layers(
         colormap: a Matplotlib colormap name.
         image_titles: optional label of each row (e.g. the class explained).
         size: edge of one panel, in inches.
+        dpi: resolution of the saved PNG, in dots per inch.
 
     Returns:
         The `matplotlib.figure.Figure`.
@@ -394,5 +396,5 @@ def plot_layers(
     for axis in axes.ravel():
         axis.set_axis_off()
     if path is not None:
-        figure.savefig(os.fspath(path), dpi=100)
+        figure.savefig(os.fspath(path), dpi=dpi)
     return figure

@@ -164,7 +164,7 @@ def main() -> None:
     print(f"figure: {path}; total {time.perf_counter() - started:.0f} s")
 
 
-def save_figure(path, scenes, vocabulary, tokens, heatmaps, whole, count: int = 4) -> None:
+def save_figure(path, scenes, vocabulary, tokens, heatmaps, whole, count: int = 3) -> None:
     """One row per scene: the image, the map of each visual word, the whole caption's."""
     from matplotlib.figure import Figure
 
@@ -182,7 +182,7 @@ def save_figure(path, scenes, vocabulary, tokens, heatmaps, whole, count: int = 
         axes[row, -1].set_title("whole caption", fontsize=8)
     for axis in axes.ravel():
         axis.set_axis_off()
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=72)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def save_figure(path, scenes, questions, other_colour, right, forced, count: int
         axes[row, 2].set_title(f'forced: "{names[other_colour[row]]}"', fontsize=8)
     for axis in axes.ravel():
         axis.set_axis_off()
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=72)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,16 @@ from tf_gradcam.guided import (
     guided_relu,
 )
 from tf_gradcam.image import normalize_gradients, overlay
+from tf_gradcam.layerwise import MultiLayerGradCAM, explain_layers, plot_layers
 from tf_gradcam.submodel import layer_paths
-from tf_gradcam.targets import TopK
+from tf_gradcam.targets import AnswerScore, CaptionLogProb, TopK, WordLogProb
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnswerScore",
     "BackendError",
+    "CaptionLogProb",
     "DeconvReLU",
     "Deconvolution",
     "DeconvolutionGradCAM",
@@ -52,6 +55,7 @@ __all__ = [
     "GuidedReLU",
     "InputError",
     "LayerNotFoundError",
+    "MultiLayerGradCAM",
     "NoGradientError",
     "NotSpatialError",
     "PixelExplanation",
@@ -59,12 +63,15 @@ __all__ = [
     "TopK",
     "UnsupportedActivationError",
     "UnsupportedModelError",
+    "WordLogProb",
     "__version__",
     "deconv_relu",
     "explain",
+    "explain_layers",
     "guided_relu",
     "layer_paths",
     "normalize_gradients",
     "overlay",
     "plot_fig1",
+    "plot_layers",
 ]

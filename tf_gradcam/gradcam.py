@@ -347,6 +347,24 @@ class GradCAM:
 
     def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
         activations, grads, scores, resolved = self.gradients(inputs, classes, spec)
+        return self.maps_from_gradients(inputs, activations, grads, scores, resolved)
+
+    def maps_from_gradients(
+        self,
+        inputs: Any,
+        activations: tf.Tensor,
+        grads: tf.Tensor,
+        scores: tf.Tensor,
+        resolved: tf.Tensor,
+    ) -> dict:
+        """Channel weights → weighted sum → ReLU → heatmaps at the input size.
+
+        The steps after `gradients`, on what it returns; `tf_gradcam.layerwise`
+        runs them once per layer after one shared forward and backward pass.
+
+        Returns:
+            The fields of an `Explanation` (without `layer`), `k` axis kept.
+        """
         weights = self.channel_weights(activations, grads)
         raw = tf.einsum("nhwc,nkc->nkhw", activations, weights)
         maps = tf.nn.relu(raw) if self.relu else raw

@@ -24,10 +24,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from tf_gradcam.errors import TargetError
 
-__all__ = ["Target", "TopK", "resolve_target"]
+__all__ = [
+    "AnswerScore",
+    "CaptionLogProb",
+    "Target",
+    "TopK",
+    "WordLogProb",
+    "resolve_target",
+]
 
 
 @dataclass(frozen=True)
@@ -136,3 +144,263 @@ def resolve_target(target: Target, batch_size: int | None, num_classes: int | No
     classes = array.astype(np.int32)
     _check_class_range(classes, num_classes)
     return TargetSpec("classes", classes)
+
+
+# ---------------------------------------------------------------------------
+# Vision-language targets (§8.1 captioning, §8.2 visual question answering)
+# ---------------------------------------------------------------------------
+#
+# Ready-made callables for the ``fn(outputs) -> (batch,)`` form above. They are
+# frozen dataclasses compared by identity (``eq=False``): the engine compiles
+# one step per target object, so reusing one object across calls never
+# retraces, and its per-image indices are held as tensors that the compiled
+# step captures instead of baking them into the graph.
+
+
+def _select_output(outputs: Any, output: int | str | None, what: str) -> Any:
+    """The output a vision-language target reads: by position, by name, or the first."""
+    if isinstance(outputs, dict):
+        key = next(iter(outputs)) if output is None else output
+        if key not in outputs:
+            raise TargetError(
+                f"{what}: `output={output!r}` names no output; the model's outputs are "
+                f"{list(outputs)}."
+            )
+        return outputs[key]
+    if isinstance(outputs, (list, tuple)):
+        index = 0 if output is None else output
+        if not isinstance(index, int) or not -len(outputs) <= index < len(outputs):
+            raise TargetError(
+                f"{what}: `output={output!r}` is not a valid position among the model's "
+                f"{len(outputs)} outputs."
+            )
+        return outputs[index]
+    if output not in (None, 0, -1):
+        raise TargetError(f"{what}: the model has one output. Received: output={output!r}.")
+    return outputs
+
+
+def _index_tensor(value: Any, name: str, what: str, *, ndim: tuple[int, ...]) -> Any:
+    """Validate non-negative integer indices and hold them as an int32 tensor."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu" or array.ndim not in ndim or array.size == 0:
+        raise TargetError(
+            f"{what}: `{name}` must be a non-negative int or one int per image. "
+            f"Received: {name}={value!r}."
+        )
+    if array.min() < 0:
+        raise TargetError(f"{what}: `{name}` must be >= 0. Received: {name}={value!r}.")
+    return tf.constant(array, tf.int32)
+
+
+def _per_image(indices: Any, batch: Any, name: str, what: str) -> Any:
+    """Broadcast a scalar index to (batch,), or check a per-image one has `batch` entries."""
+    if indices.shape.rank == 0:
+        return tf.fill([batch], indices)
+    check = tf.debugging.assert_equal(
+        tf.size(indices),
+        batch,
+        message=f"{what}: `{name}` gives one index per image but the batch size differs",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(indices)
+
+
+def _check_range(indices: np.ndarray, limit: Any, name: str, what: str, axis: str) -> None:
+    if limit is not None and indices.size and int(indices.max()) >= limit:
+        raise TargetError(
+            f"{what}: `{name}` {int(indices.max())} is out of range: the output has "
+            f"{limit} {axis} (valid 0..{limit - 1})."
+        )
+
+
+def _caption_logits(outputs: Any, output: int | str | None, what: str) -> Any:
+    logits = tf.convert_to_tensor(_select_output(outputs, output, what))
+    if logits.shape.rank != 3:
+        raise TargetError(
+            f"{what} needs per-step word scores of shape (batch, steps, vocabulary), the "
+            "output of a decoder run with teacher forcing. Received an output of shape "
+            f"{tuple(logits.shape)}."
+        )
+    return logits
+
+
+@dataclass(frozen=True, eq=False)
+class WordLogProb:
+    """Log-probability of one word of a caption, under teacher forcing (§8.1.1).
+
+    The captioning model reads the image and the caption shifted right (teacher
+    forcing) and outputs word scores `(batch, steps, vocabulary)`; step `t`
+    predicts the caption's word `t`. This target is `log p(word | image,
+    words before t) = log_softmax(scores[:, step])[word]`, the paper's
+    per-word explanation ("we one-hot encode each of the visual words at the
+    corresponding time-steps", §8.1.1; here through the log-probability, as in
+    §8.1 for whole captions).
+
+    The engine hands the scores over with a trailing softmax removed
+    (`GradCAM(..., logits=True)`, the default), so the log-softmax is taken
+    here; do not use it with `logits=False` on a softmax model.
+
+    Args:
+        word: the word's token id, one for every image or one per image.
+        step: the time step `t` (0-based position in the output sequence), one
+            for every image or one per image.
+        output: for models with several outputs, the position or name of the
+            `(batch, steps, vocabulary)` output; default the first.
+
+    Raises:
+        TargetError: negative or non-integer indices (at construction); an
+            output that is not 3-D, or a word or step out of range (when called).
+        tf.errors.InvalidArgumentError: per-image indices whose count is not
+            the batch size (when called).
+
+    Example:
+        >>> cam = tf_gradcam.GradCAM(captioner, "last_conv")
+        >>> # where does the model look to say word 2 ("circle", token id 7)?
+        >>> result = cam([images, caption_inputs], target=WordLogProb(word=7, step=2))
+    """
+
+    word: Any
+    step: Any
+    output: int | str | None = None
+
+    def __post_init__(self) -> None:
+        what = type(self).__name__
+        object.__setattr__(self, "_word", _index_tensor(self.word, "word", what, ndim=(0, 1)))
+        object.__setattr__(self, "_step", _index_tensor(self.step, "step", what, ndim=(0, 1)))
+
+    def __call__(self, outputs: Any) -> Any:
+        """Return the `(batch,)` log-probabilities of the word at its step."""
+        what = type(self).__name__
+        logits = _caption_logits(outputs, self.output, what)
+        _check_range(np.asarray(self.step), logits.shape[1], "step", what, "steps")
+        _check_range(np.asarray(self.word), logits.shape[2], "word", what, "words")
+        batch = tf.shape(logits)[0]
+        steps = _per_image(self._step, batch, "step", what)
+        words = _per_image(self._word, batch, "word", what)
+        at_step = tf.gather(logits, steps, axis=1, batch_dims=1)  # (batch, vocabulary)
+        log_probs = tf.nn.log_softmax(tf.cast(at_step, tf.float32), axis=-1)
+        return tf.gather(log_probs, words, axis=1, batch_dims=1)
+
+
+@dataclass(frozen=True, eq=False)
+class CaptionLogProb:
+    """Log-probability of a whole caption, under teacher forcing (§8.1).
+
+    `Σ_t log p(tokens[t] | image, tokens before t)`, the quantity the paper
+    differentiates to explain a caption ("we compute the gradient of its log
+    probability w.r.t. units in the last convolutional layer"). Because the
+    gradient is linear, its Grad-CAM weights are the sum of the weights of the
+    `WordLogProb` targets of its words.
+
+    Args:
+        tokens: the caption's token ids as the model predicts them (step `t`
+            predicts `tokens[t]`): `(steps,)` for every image or
+            `(batch, steps)` per image. A negative id marks padding, which is
+            left out of the sum.
+        output: for models with several outputs, the position or name of the
+            `(batch, steps, vocabulary)` output; default the first.
+
+    Raises:
+        TargetError: tokens that are not integers of rank 1 or 2 (at
+            construction); an output that is not 3-D, or whose steps or
+            vocabulary do not fit the tokens (when called).
+        tf.errors.InvalidArgumentError: per-image tokens whose count is not the
+            batch size (when called).
+
+    Example:
+        >>> target = CaptionLogProb(targets)         # (batch, steps) token ids
+        >>> cam([images, caption_inputs], target=target).heatmaps
+    """
+
+    tokens: Any
+    output: int | str | None = None
+
+    def __post_init__(self) -> None:
+        what = type(self).__name__
+        array = np.asarray(self.tokens)
+        if array.dtype.kind not in "iu" or array.ndim not in (1, 2) or array.size == 0:
+            raise TargetError(
+                f"{what}: `tokens` must be int token ids of shape (steps,) or "
+                f"(batch, steps), negative for padding. Received: tokens={self.tokens!r}."
+            )
+        object.__setattr__(self, "_tokens", tf.constant(array, tf.int32))
+
+    def __call__(self, outputs: Any) -> Any:
+        """Return the `(batch,)` log-probabilities of the captions."""
+        what = type(self).__name__
+        logits = _caption_logits(outputs, self.output, what)
+        tokens = self._tokens
+        steps = logits.shape[1]
+        if steps is not None and tokens.shape[-1] != steps:
+            raise TargetError(
+                f"{what}: `tokens` has {tokens.shape[-1]} steps but the output has "
+                f"{steps} (shape {tuple(logits.shape)})."
+            )
+        _check_range(np.asarray(self.tokens), logits.shape[2], "tokens", what, "words")
+        batch = tf.shape(logits)[0]
+        if tokens.shape.rank == 1:
+            tokens = tf.broadcast_to(tokens, tf.stack([batch, tf.size(tokens)]))
+        else:
+            check = tf.debugging.assert_equal(
+                tf.shape(tokens)[0],
+                batch,
+                message=f"{what}: `tokens` has one row per image but the batch size differs",
+            )
+            with tf.control_dependencies([check]):
+                tokens = tf.identity(tokens)
+        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+        valid = tokens >= 0
+        picked = tf.gather(log_probs, tf.maximum(tokens, 0), axis=2, batch_dims=2)
+        return tf.reduce_sum(tf.where(valid, picked, 0.0), axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class AnswerScore:
+    """The score of a chosen answer of a visual question answering model (§8.2).
+
+    VQA models classify over an answer vocabulary; the paper picks an answer
+    and explains "its score" y^c, before the softmax. This target returns that
+    score from the model's answer output, so it also works on models with
+    several outputs (answer scores plus, say, an attention map) and with
+    another answer per image, e.g. the answer the model was *not* sure of
+    (Fig. 12: "when forced to answer 'yellow'"). For a single-output model
+    it equals the class target `target=answer`.
+
+    Args:
+        answer: the answer's index in the answer vocabulary, one for every
+            image or one per image.
+        output: for models with several outputs, the position or name of the
+            `(batch, answers)` output; default the first.
+
+    Raises:
+        TargetError: negative or non-integer answers (at construction); an
+            output that is not `(batch, answers)` or an answer out of range
+            (when called).
+        tf.errors.InvalidArgumentError: per-image answers whose count is not the
+            batch size (when called).
+
+    Example:
+        >>> cam = tf_gradcam.GradCAM(vqa_model, "last_conv")
+        >>> cam([images, questions], target=AnswerScore(answers)).heatmaps
+    """
+
+    answer: Any
+    output: int | str | None = None
+
+    def __post_init__(self) -> None:
+        what = type(self).__name__
+        object.__setattr__(self, "_answer", _index_tensor(self.answer, "answer", what, ndim=(0, 1)))
+
+    def __call__(self, outputs: Any) -> Any:
+        """Return the `(batch,)` scores of the chosen answers."""
+        what = type(self).__name__
+        scores = tf.convert_to_tensor(_select_output(outputs, self.output, what))
+        if scores.shape.rank != 2:
+            raise TargetError(
+                f"{what} needs answer scores of shape (batch, answers). Received an "
+                f"output of shape {tuple(scores.shape)}."
+            )
+        _check_range(np.asarray(self.answer), scores.shape[1], "answer", what, "answers")
+        answers = _per_image(self._answer, tf.shape(scores)[0], "answer", what)
+        return tf.gather(scores, answers, axis=1, batch_dims=1)

@@ -476,7 +476,7 @@ class GradCAM:
         """Prepare the images, resolve the target and run the compiled step.
 
         Shared with `tf_gradcam.guided`, whose methods return other keys. The
-        `k` axis is dropped unless the target is `TopK`.
+        `k` axis is dropped (inside the compiled step) unless the target is `TopK`.
         """
         inputs = self._prepare(images)
         first = keras.tree.flatten(inputs)[0]
@@ -486,8 +486,6 @@ class GradCAM:
         if batch is None:  # graph mode with an unknown batch size
             classes = tf.broadcast_to(classes, tf.shape(first)[:1])
         result = self._function(inputs, spec)(inputs, classes)
-        if spec.kind != "top_k":
-            result = {key: value[:, 0] for key, value in result.items()}
         return result, spec
 
     def _explanation(self, result: dict, spec: TargetSpec) -> Explanation:
@@ -544,7 +542,10 @@ class GradCAM:
 
 
 def _step(cam: GradCAM, spec: TargetSpec, inputs: Any, classes: tf.Tensor) -> dict:
-    return cam._explain_batch(inputs, classes, spec)
+    result = cam._explain_batch(inputs, classes, spec)
+    if spec.kind != "top_k":  # drop the k axis in the graph: no eager slicing per call
+        result = {key: value[:, 0] for key, value in result.items()}
+    return result
 
 
 def _signature_key(signature: Any) -> tuple:

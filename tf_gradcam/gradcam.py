@@ -195,6 +195,7 @@ class GradCAM:
         self._layer_argument = layer
         self._call_override = call_override
         self._functions: dict[Any, Any] = {}
+        self._concrete: dict[Any, Any] = {}
         self._warned_degenerate = False
         self._warned_churn = False
         self._gradient_model: GradientModel | None = None
@@ -420,8 +421,8 @@ class GradCAM:
             lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inputs
         )
         key = (spec.kind, spec.k, spec.fn, _signature_key(signature))
-        function = self._functions.get(key)
-        if function is None:
+        concrete = self._concrete.get(key)
+        if concrete is None:
             step_spec = replace(spec, classes=np.zeros((0,), np.int32))
             # A partial (not a closure) keeps TensorFlow's "frequent retracing"
             # detector from pooling the traces of different GradCAM objects.
@@ -431,7 +432,9 @@ class GradCAM:
                 autograph=False,
             )
             if len(self._functions) >= _MAX_COMPILED_STEPS:
-                self._functions.pop(next(iter(self._functions)))  # oldest first
+                oldest = next(iter(self._functions))  # oldest first
+                self._functions.pop(oldest)
+                self._concrete.pop(oldest)
                 if not self._warned_churn:
                     self._warned_churn = True
                     warnings.warn(
@@ -442,8 +445,12 @@ class GradCAM:
                         RuntimeWarning,
                         stacklevel=4,
                     )
+            # The signature is fixed, so its one concrete function is called
+            # directly: no per-call dispatch through the polymorphic function.
+            concrete = function.get_concrete_function()
             self._functions[key] = function
-        return function
+            self._concrete[key] = concrete
+        return concrete
 
     def compute(self, images: Any, target: Target = None) -> Explanation:
         """Like calling the object, but returns `tf.Tensor` fields.
@@ -494,10 +501,10 @@ class GradCAM:
         if (
             tf.executing_eagerly()
             and not self._warned_degenerate
-            and bool(tf.reduce_any(result["degenerate"]))
+            and result["degenerate"].numpy().any()  # a host read, no eager op
         ):
             self._warned_degenerate = True
-            count = int(tf.reduce_sum(tf.cast(result["degenerate"], tf.int32)))
+            count = int(np.count_nonzero(result["degenerate"].numpy()))
             warnings.warn(
                 f"{count} Grad-CAM map(s) at layer {self.layer!r} are all zero: no region "
                 "has a positive influence on the target (see `Explanation.degenerate`). "

@@ -328,3 +328,13 @@ def test_compute_is_differentiable_and_works_in_graph_mode(images, cnn):
         return cam.compute(batch, target=1).heatmaps
 
     np.testing.assert_allclose(in_graph(x).numpy(), cam(images, target=1).heatmaps, atol=1e-6)
+
+
+def test_jit_compile_gives_the_same_maps(images, cnn):
+    """jit_compile=True (XLA) computes the same maps, weights and top-k classes."""
+    plain, xla = GradCAM(cnn), GradCAM(cnn, jit_compile=True)
+    for target in (None, TopK(2)):
+        a, b = plain(images, target), xla(images, target)
+        np.testing.assert_allclose(b.heatmaps, a.heatmaps, atol=1e-5)
+        np.testing.assert_allclose(b.weights, a.weights, rtol=1e-5, atol=1e-8)
+        np.testing.assert_array_equal(b.classes, a.classes)

@@ -135,6 +135,9 @@ class GradCAM:
             ReLU with the guided or deconvolution rule (the ablation of
             Appendix B.2.3, `tf_gradcam.guided.ReluOverride`); `None` (default)
             uses the true gradients.
+        jit_compile: compile the step with XLA. Off by default: on CPU it was
+            no faster for ResNet50 and about 10x slower for MobileNetV2's
+            depthwise convolutions (docs/performance.md); try it on a GPU.
 
     Raises:
         BackendError: Keras runs on another backend than TensorFlow.
@@ -163,6 +166,7 @@ class GradCAM:
         output: int | str | None = None,
         call_override: CallOverride | None = None,
         relu_gradients: str | None = None,
+        jit_compile: bool = False,
     ) -> None:
         _check_backend()
         if relu_gradients is not None:
@@ -194,6 +198,7 @@ class GradCAM:
         self.output = output
         self._layer_argument = layer
         self._call_override = call_override
+        self.jit_compile = jit_compile
         self._functions: dict[Any, Any] = {}
         self._concrete: dict[Any, Any] = {}
         self._warned_degenerate = False
@@ -430,6 +435,7 @@ class GradCAM:
                 functools.partial(_step, self, step_spec),
                 input_signature=[signature, tf.TensorSpec((None,), tf.int32)],
                 autograph=False,
+                jit_compile=self.jit_compile or None,
             )
             if len(self._functions) >= _MAX_COMPILED_STEPS:
                 oldest = next(iter(self._functions))  # oldest first

@@ -8,6 +8,7 @@ Example:
 """
 
 from tf_gradcam.callback import GradCAMCallback
+from tf_gradcam.dataset import DatasetSummary, ExplainedBatch, explain_dataset, iter_shards
 from tf_gradcam.errors import (
     BackendError,
     GradCAMError,
@@ -43,9 +44,11 @@ __all__ = [
     "AnswerScore",
     "BackendError",
     "CaptionLogProb",
+    "DatasetSummary",
     "DeconvReLU",
     "Deconvolution",
     "DeconvolutionGradCAM",
+    "ExplainedBatch",
     "Explanation",
     "GradCAM",
     "GradCAMCallback",
@@ -67,8 +70,10 @@ __all__ = [
     "__version__",
     "deconv_relu",
     "explain",
+    "explain_dataset",
     "explain_layers",
     "guided_relu",
+    "iter_shards",
     "layer_paths",
     "normalize_gradients",
     "overlay",

@@ -23,6 +23,7 @@ Rows:
 
 Then, on the small demo model: a 1,000-call loop's resident-memory growth and
 retrace count (batch sizes 1-4 and all target kinds, after one warm-up pass),
+`explain_dataset` streaming 1,024 images to shards against a plain loop,
 the callback's overhead on a training epoch (where `GradCAMCallback` exists),
 and a graph check: the operations TensorFlow actually runs per call (after
 Grappler's pruning), Grad-CAM's compiled step against the forward pass.
@@ -331,6 +332,42 @@ def bench_loop(calls: int) -> list[Row]:
     ]
 
 
+def bench_dataset(images: int, repeats: int) -> list[Row]:
+    """`explain_dataset` streaming shards to disk, against a plain loop of GradCAM calls."""
+    explain_dataset = getattr(tf_gradcam, "explain_dataset", None)
+    if explain_dataset is None:
+        return [Row("demo CNN", "32", "explain_dataset", None, None, "n/a (no explain_dataset)")]
+    model = small_model()
+    cam = GradCAM(model)
+    data = np.random.default_rng(4).random((images, *model.input_shape[1:]), dtype=np.float32)
+
+    def plain_loop() -> None:
+        for begin in range(0, images, 32):
+            cam(data[begin : begin + 32])
+
+    def streamed() -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            explain_dataset(cam, data, batch_size=32, output_dir=folder, verbose=0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        before = rss_mb()
+        times = time_interleaved({"loop": plain_loop, "stream": streamed}, repeats, 0.0)
+        growth = rss_mb() - before
+    label = f"32 x {model.input_shape[1]}x{model.input_shape[2]}"
+    ratio = times["stream"] / times["loop"]
+    return [
+        Row(
+            "demo CNN",
+            label,
+            f"explain_dataset, {images} images to .npz shards",
+            times["stream"] * 1000,
+            None,
+            f"{ratio:.2f} x a loop of GradCAM calls; memory growth {growth:+.1f} MB",
+        )
+    ]
+
+
 def executed_ops(function: Callable[[], object]) -> Counter | None:
     """Op types TensorFlow runs for a function's first call, after graph optimisation.
 
@@ -353,24 +390,36 @@ def executed_ops(function: Callable[[], object]) -> Counter | None:
 
 
 def bench_graph() -> list[Row]:
-    """Op counts per call: the compiled step against the bare forward pass."""
+    """Op counts per call: the compiled step against the bare forward pass.
+
+    The step must run the forward convolutions once, no convolution backprop
+    (the backward pass stops at the explained layer), and with `logits=True`
+    no softmax: the extra linear call of the head replaces it, it does not
+    come on top.
+    """
     model = small_model()
     images = np.random.default_rng(2).random((2, *model.input_shape[1:]), dtype=np.float32)
-    forward_ops = executed_ops(lambda: compiled_forward(model)(images))
-    step_ops = executed_ops(lambda: GradCAM(model)(images))
-    if forward_ops is None or step_ops is None:
+    counts = {
+        "forward": executed_ops(lambda: compiled_forward(model)(images)),
+        "step": executed_ops(lambda: GradCAM(model)(images)),
+        "step, logits=False": executed_ops(lambda: GradCAM(model, logits=False)(images)),
+    }
+    if any(c is None for c in counts.values()):
         return [Row("demo CNN", "2", "graph check", None, None, "n/a (no run metadata)")]
 
-    def convs(c: Counter) -> int:
-        return sum(v for k, v in c.items() if k in ("Conv2D", "_FusedConv2D"))
+    def total(c: Counter, *names: str) -> int:
+        return sum(v for k, v in c.items() if k in names)
 
-    backprops = sum(v for k, v in step_ops.items() if "Backprop" in k)
-    note = (
-        f"convolutions {convs(forward_ops)} / {convs(step_ops)}, "
-        f"Softmax {forward_ops['Softmax']} / {step_ops['Softmax']}, "
-        f"conv backprops in step {backprops}"
-    )
-    return [Row("demo CNN", "2", "graph check (forward / step)", None, None, note)]
+    rows = []
+    for name, c in counts.items():
+        note = (
+            f"convolutions {total(c, 'Conv2D', '_FusedConv2D')}, "
+            f"matmuls {total(c, 'MatMul', '_FusedMatMul')}, Softmax {c['Softmax']}, "
+            f"conv backprops {sum(v for k, v in c.items() if 'Backprop' in k)}, "
+            f"{sum(c.values())} ops"
+        )
+        rows.append(Row("demo CNN", "2", f"graph check: {name}", None, None, note))
+    return rows
 
 
 def bench_callback(repeats: int) -> list[Row]:
@@ -484,7 +533,12 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     for key in args.models.split(","):
         rows += bench_model(key.strip().lower(), batches, args)
-    extra = bench_loop(args.calls) + bench_graph() + bench_callback(max(2, args.repeats // 2))
+    extra = (
+        bench_loop(args.calls)
+        + bench_dataset(1024, args.repeats)
+        + bench_graph()
+        + bench_callback(max(2, args.repeats // 2))
+    )
     _print_rows(extra, header=False)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
 

@@ -483,13 +483,19 @@ def _print_rows(rows: list[Row], header: bool = True) -> None:
 
 
 def machine() -> str:
-    cores = os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if "model name" in line]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     gpus = len(tf.config.list_physical_devices("GPU"))
     return (
-        f"{platform.processor() or platform.machine()}, {cores} CPU cores, {gpus} GPU(s), "
-        f"load average {load:.1f} at start; TensorFlow {tf.__version__}, Keras "
-        f"{keras.__version__}, Python {platform.python_version()}"
+        f"{cpu}, {os.cpu_count()} CPU cores, {gpus} GPU(s), load average {load:.1f} at start; "
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"Python {platform.python_version()}"
     )
 
 

@@ -557,7 +557,7 @@ class GradCAM:
 def _step(cam: GradCAM, spec: TargetSpec, inputs: Any, classes: tf.Tensor) -> dict:
     result = cam._explain_batch(inputs, classes, spec)
     if spec.kind != "top_k":  # drop the k axis in the graph: no eager slicing per call
-        result = {key: value[:, 0] for key, value in result.items()}
+        result = tf.nest.map_structure(lambda value: value[:, 0], result)
     return result
 
 

@@ -237,9 +237,7 @@ class MultiLayerGradCAM(GradCAM):
             classes = tf.broadcast_to(classes, tf.shape(first)[:1])
         per_layer = self._function(inputs, spec)(inputs, classes)
         explanations = {}
-        for path, result in per_layer.items():
-            if spec.kind != "top_k":
-                result = {key: value[:, 0] for key, value in result.items()}
+        for path, result in per_layer.items():  # the step already dropped the k axis
             explanations[path] = Explanation(
                 heatmaps=result["heatmaps"],
                 maps=result["maps"],

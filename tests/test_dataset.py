@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from conftest import make_cnn
 
-from tf_gradcam import GradCAM, TargetError, TopK
+from tf_gradcam import GradCAM, InputError, TargetError, TopK
 from tf_gradcam.dataset import explain_dataset, iter_shards
 from tf_gradcam.metrics import pointing_accuracy, pointing_game
 
@@ -136,13 +136,15 @@ def test_steps_stop_an_infinite_dataset(data):
 
 
 def test_bad_arguments_are_refused(data, tmp_path):
-    """Missing labels, per-image lists, unknown fields and old shards raise clear errors."""
+    """Missing labels, per-image lists, generators, unknown fields and old shards are refused."""
     images, labels = data
     model = make_cnn()
     with pytest.raises(TargetError, match="labels"):
         explain_dataset(model, images, "labels", verbose=0)
     with pytest.raises(TargetError, match="Per-image"):
         explain_dataset(model, (images, labels), [0] * 10, verbose=0)
+    with pytest.raises(InputError, match="Dataset"):
+        explain_dataset(model, (image for image in images), verbose=0)
     with pytest.raises(ValueError, match="fields"):
         explain_dataset(model, images, fields=("heat",), verbose=0)
     explain_dataset(model, images, output_dir=tmp_path, verbose=0)

@@ -157,6 +157,9 @@ def explain_dataset(
     cam = _explainer(model, layer, options)
     fields = _check_fields(fields)
     _check_target(target)
+    if isinstance(data, list):  # a list of images
+        data = np.asarray(data)
+    _check_data(data)
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(
             f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}."
@@ -184,6 +187,7 @@ def explain_dataset(
             if steps is not None and count >= steps:
                 break
     finally:
+        batches.close()
         shards = writer.close() if writer is not None else ()
     return DatasetSummary(offset, count, shards, time.perf_counter() - start)
 
@@ -231,6 +235,18 @@ def _check_fields(fields: Sequence[str]) -> tuple[str, ...]:
     if unknown or not fields:
         raise ValueError(f"`fields` must be a non-empty subset of {FIELDS}. Received: {fields!r}.")
     return fields
+
+
+def _check_data(data: Any) -> None:
+    if isinstance(data, tf.data.Dataset):
+        return
+    leaves = keras.tree.flatten(_split(data)[0])
+    if not leaves or not all(hasattr(a, "shape") and hasattr(a, "__getitem__") for a in leaves):
+        raise InputError(
+            "`data` must be a tf.data.Dataset or arrays: images, (images, labels) or "
+            f"(images, labels, extras). Received: {type(data).__name__}. Wrap a generator "
+            "in tf.data.Dataset.from_generator."
+        )
 
 
 def _worker_index(strategy: tf.distribute.Strategy | None) -> int:

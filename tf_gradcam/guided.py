@@ -140,10 +140,23 @@ def _modified_relu(
             x, negative_slope=negative_slope, max_value=max_value, threshold=threshold
         )
 
+    # Plain ReLU and ReLU6 (no slope, zero threshold) use TensorFlow's fused
+    # gradient kernels: ReluGrad/Relu6Grad pass `gradients` where 0 < x (< 6),
+    # so feeding them relu(upstream) is exactly the guided rule in one op.
+    fused = None
+    if negative_slope == 0.0 and threshold == 0.0 and max_value in (None, 6.0):
+        fused = tf.raw_ops.ReluGrad if max_value is None else tf.raw_ops.Relu6Grad
+
     @tf.custom_gradient
     def relu(x: tf.Tensor) -> tuple[tf.Tensor, Callable]:
         def backward(upstream: tf.Tensor) -> tf.Tensor:
-            if getattr(_TRUE_BACKWARD, "active", False):
+            true_backward = getattr(_TRUE_BACKWARD, "active", False)
+            if fused is not None and (true_backward or mode == "guided"):
+                gradients = upstream if true_backward else tf.nn.relu(upstream)
+                return fused(gradients=gradients, features=x)
+            if fused is not None:  # deconv: only the sign of the incoming gradient
+                return tf.nn.relu(upstream)
+            if true_backward:
                 with tf.GradientTape() as tape:
                     tape.watch(x)
                     y = forward(x)

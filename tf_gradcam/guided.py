@@ -550,7 +550,24 @@ class _FusedGradCAM(GradCAM):
 # ------------------------------------------------------------ public classes
 
 
-class _ModifiedBackprop:
+class _OverriddenMethod:
+    """What the public modified-backprop methods share: the ReLU override and the engine."""
+
+    relu_override: ReluOverride
+    _engine: GradCAM
+
+    @property
+    def replaced(self) -> tuple[str, ...]:
+        """Names of the layers whose ReLU backward pass was replaced."""
+        return self.relu_override.replaced
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the compiled step has been traced (for retrace checks)."""
+        return self._engine.trace_count
+
+
+class _ModifiedBackprop(_OverriddenMethod):
     """Gradients of the target score w.r.t. the image through modified ReLUs."""
 
     _mode = "guided"
@@ -568,16 +585,6 @@ class _ModifiedBackprop:
         self._engine = _InputGradients(
             model, logits=logits, output=output, call_override=self.relu_override
         )
-
-    @property
-    def replaced(self) -> tuple[str, ...]:
-        """Names of the layers whose ReLU backward pass was replaced."""
-        return self.relu_override.replaced
-
-    @property
-    def trace_count(self) -> int:
-        """How many times the compiled step has been traced (for retrace checks)."""
-        return self._engine.trace_count
 
     def compute(self, images: Any, target: Target = None) -> PixelExplanation:
         """Like calling the object, but returns `tf.Tensor` fields.
@@ -687,7 +694,7 @@ class Deconvolution(_ModifiedBackprop):
     _mode = "deconv"
 
 
-class _ModifiedGradCAM:
+class _ModifiedGradCAM(_OverriddenMethod):
     """Modified-backprop gradients times the upsampled Grad-CAM map."""
 
     _mode = "guided"
@@ -721,16 +728,6 @@ class _ModifiedGradCAM:
     def layer(self) -> str:
         """Path of the layer Grad-CAM explains."""
         return self._engine.layer
-
-    @property
-    def replaced(self) -> tuple[str, ...]:
-        """Names of the layers whose ReLU backward pass was replaced."""
-        return self.relu_override.replaced
-
-    @property
-    def trace_count(self) -> int:
-        """How many times the compiled step has been traced (for retrace checks)."""
-        return self._engine.trace_count
 
     def compute(self, images: Any, target: Target = None) -> PixelExplanation:
         """Like calling the object, but returns `tf.Tensor` fields.

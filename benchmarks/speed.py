@@ -49,6 +49,7 @@ import gc
 import math
 import os
 import platform
+import random
 import re
 import resource
 import statistics
@@ -115,7 +116,9 @@ def time_interleaved(
     """Median seconds per call of each operation, timed in alternation.
 
     Each operation is warmed up twice; fast ones are run several times per
-    repeat so that one measurement lasts about `min_seconds`.
+    repeat so that one measurement lasts about `min_seconds`. Each repeat
+    runs the operations in a new order (seeded shuffle), so that no operation
+    always runs right after the same one (caches, allocator state).
     """
     inner = {}
     for name, operation in operations.items():
@@ -125,8 +128,12 @@ def time_interleaved(
         once = time.perf_counter() - start
         inner[name] = max(1, math.ceil(min_seconds / max(once, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in operations}
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, operation in operations.items():
+        names = list(operations)
+        order.shuffle(names)
+        for name in names:
+            operation = operations[name]
             start = time.perf_counter()
             for _ in range(inner[name]):
                 operation()

@@ -70,6 +70,28 @@ def test_forward_identical_to_plain_activation(params):
         np.testing.assert_array_equal(layer(x).numpy(), keras.layers.ReLU(**params)(x).numpy())
 
 
+@pytest.mark.parametrize("mode", ["guided", "deconv"])
+@pytest.mark.parametrize("params", PARAMETERS)
+def test_true_backward_equals_tensorflows_relu_gradient(mode, params):
+    """Guided Grad-CAM's Grad-CAM factor: the modified ReLU's true backward is TF's own.
+
+    Checked bit for bit against the gradient TensorFlow registers for the plain
+    activation, at the kinks (0, threshold, max_value) too.
+    """
+    from tf_gradcam.guided import _true_relu_gradients
+
+    x = np.concatenate([X, [params.get("threshold", 0.0), params.get("max_value") or 3.0]])
+    g = np.concatenate([G, [2.5, 1.5]]).astype(np.float32)
+    x = tf.constant(x.astype(np.float32))
+    fn = tf_gradcam.guided_relu if mode == "guided" else tf_gradcam.deconv_relu
+    with _true_relu_gradients():
+        got = _backward(functools.partial(fn, **params), x, g)
+    expected = _backward(lambda v: keras.activations.relu(v, **params), x, g)
+    np.testing.assert_array_equal(got, expected)
+    # ... and outside the context the same call gives the modified rule again.
+    assert not np.array_equal(_backward(functools.partial(fn, **params), x, g), expected)
+
+
 @pytest.mark.parametrize("params", PARAMETERS)
 def test_guided_differs_from_finite_differences_exactly_where_predicted(params):
     """Finite differences match guided everywhere except where the rule drops a gradient."""

@@ -120,7 +120,8 @@ class GradCAM:
         model: a Functional or Sequential `keras.Model` (nested models are fine).
         layer: the convolutional layer to explain: a name, an `"outer/inner"`
             path through nested models, a `Layer` object, or `None` for the last
-            layer with a 4-D output.
+            layer with a 4-D output before the global pooling (trailing max/average
+            pooling skipped: VGG16's `block5_conv3`, not `block5_pool`).
         pooling: `"mean"` (eq. 1) or `"max"` pooling of the gradients.
         relu: apply the ReLU of eq. 2.
         counterfactual: negate the gradients (§3.3): regions whose removal would

@@ -55,6 +55,7 @@ from tf_gradcam.submodel import (
     _is_expandable,
     build_gradient_model,
     call_with_activation,
+    is_operation,
 )
 from tf_gradcam.targets import Target, TargetSpec
 
@@ -97,6 +98,14 @@ _NOT_RECTIFIERS = frozenset(
         "exponential",
         "sparsemax",
     }
+)
+
+#: Bare Keras operations (`keras.ops.relu(x)` on symbolic tensors, by class
+#: name): the ReLU family with its fixed parameters, the activations without a
+#: guided rule, and the non-rectifiers left alone (every other operation too).
+_RELU_OPERATIONS: dict[str, dict[str, float]] = {"Relu": {}, "Relu6": {"max_value": 6.0}}
+_UNDEFINED_OPERATIONS = frozenset(
+    {"Celu", "Elu", "Gelu", "Glu", "HardSilu", "Selu", "Silu", "Softplus", "Squareplus"}
 )
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -308,6 +317,8 @@ def _relu_parameters(layer: keras.layers.Layer) -> tuple[str, dict[str, Any] | N
         `("relu", parameters)` for a ReLU, `("undefined", {"activation": name})`
         for an activation without a guided rule, `("none", None)` otherwise.
     """
+    if is_operation(layer):
+        return _operation_relu_parameters(layer)
     if isinstance(layer, keras.layers.ReLU):
         params = {
             "negative_slope": layer.negative_slope,
@@ -332,8 +343,28 @@ def _relu_parameters(layer: keras.layers.Layer) -> tuple[str, dict[str, Any] | N
     return "undefined", {"activation": name}
 
 
+def _operation_relu_parameters(operation: Any) -> tuple[str, dict[str, Any] | None]:
+    """`_relu_parameters` for a bare Keras operation."""
+    name = type(operation).__name__
+    if name in _RELU_OPERATIONS:
+        return "relu", dict(_RELU_OPERATIONS[name])
+    if name == "LeakyRelu":
+        return "relu", {"negative_slope": operation.negative_slope}
+    if name == "ReLU" and hasattr(operation, "max_value"):  # keras.activations.relu(x, ...)
+        return "relu", {
+            "negative_slope": operation.negative_slope,
+            "max_value": operation.max_value,
+            "threshold": operation.threshold,
+        }
+    if name in _UNDEFINED_OPERATIONS:
+        return "undefined", {"activation": f"keras.ops.{name.lower()}"}
+    return "none", None
+
+
 def _nested_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
-    for layer in model.layers:
+    """Every layer and bare operation of the model, nested models opened."""
+    nodes = model.layers if isinstance(model, keras.Sequential) else model.operations
+    for layer in nodes:
         if _is_expandable(layer):
             yield from _nested_layers(layer)
         else:
@@ -435,6 +466,8 @@ class ReluOverride:
                 return rule(keras.ops.cast(inputs, layer.compute_dtype))
 
             return run
+        if is_operation(layer):  # keras.ops.relu(x, ...): its first argument
+            return lambda inputs, *args, **kwargs: rule(inputs)
         return call_with_activation(layer, rule)
 
 

@@ -42,6 +42,25 @@ __all__ = [
 
 #: Activations that turn scores into probabilities; the paper's y^c is taken before them.
 _SQUASHING_ACTIVATIONS = ("softmax", "sigmoid")
+#: The same as bare Keras operations (`keras.ops.softmax(x)` on symbolic tensors).
+_SQUASHING_OPERATIONS = ("Softmax", "Sigmoid")
+
+#: Layers after which a feature map has no spatial extent left: the default
+#: layer is never one of them or anything computed only from their outputs
+#: (MobileNet's 1x1 `conv_preds` classifier, squeeze-and-excitation branches).
+_GLOBAL_POOLING = (
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+)
+
+#: Downsampling after the last convolution only coarsens its map: the default
+#: layer steps back over such trailing layers (VGG16's `block5_pool` gives way
+#: to `block5_conv3`, the paper's 14x14 "conv5_3" maps, §3).
+_LOCAL_POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 
 # One lock for every activation swap: wrappers may be traced from several
 # threads at once (tf.distribute replicas).
@@ -64,6 +83,16 @@ def _is_functional(layer: keras.layers.Layer) -> bool:
     )
 
 
+def is_operation(layer: Any) -> bool:
+    """Whether a graph node is a bare Keras operation, not a layer.
+
+    Functional models hold such nodes where operations were applied to symbolic
+    tensors: `x + 3.0`, `keras.ops.relu(x)`, `keras.activations.relu(x)`
+    (MobileNetV3's hard swish, ConvNeXt's residual additions).
+    """
+    return isinstance(layer, keras.Operation) and not isinstance(layer, keras.layers.Layer)
+
+
 def _activation_name(layer: keras.layers.Layer) -> str | None:
     activation = getattr(layer, "activation", None)
     if activation is None:
@@ -75,7 +104,16 @@ def is_squashing_head(layer: keras.layers.Layer) -> bool:
     """Whether the layer ends in softmax/sigmoid, so its pre-activation scores exist."""
     if isinstance(layer, keras.layers.Softmax):
         return True
+    if is_operation(layer):
+        return type(layer).__name__ in _SQUASHING_OPERATIONS
     return _activation_name(layer) in _SQUASHING_ACTIVATIONS
+
+
+def _linear_call(layer: keras.layers.Layer) -> Callable[..., Any]:
+    """The call computing a squashing head's scores before its softmax/sigmoid."""
+    if is_operation(layer):  # keras.ops.softmax(x, ...): the scores are x
+        return lambda scores, *args, **kwargs: scores
+    return call_with_activation(layer, keras.activations.linear)
 
 
 def call_with_activation(
@@ -127,7 +165,9 @@ class _LayerCall(keras.layers.Layer):
     def __init__(
         self, layer: keras.layers.Layer, *, replace: Callable[..., Any] | None = None
     ) -> None:
-        super().__init__(name=f"{layer.name}_call", dtype=layer.dtype_policy, autocast=False)
+        # Bare operations (`x + 3.0`) have no dtype policy: they compute in their inputs' dtype.
+        dtype = getattr(layer, "dtype_policy", None)
+        super().__init__(name=f"{layer.name}_call", dtype=dtype, autocast=False)
         self.wrapped = layer
         self._replace = replace
         self.built = True
@@ -136,6 +176,34 @@ class _LayerCall(keras.layers.Layer):
         if self._replace is not None:
             return self._replace(*args, **kwargs)
         return self.wrapped(*args, **kwargs)
+
+
+def _wrapped_call(
+    layer: keras.layers.Layer,
+    replace: Callable[..., Any] | None,
+    args: tuple,
+    kwargs: dict,
+) -> Any:
+    """Call `layer` (or `replace`) through a fresh `_LayerCall` on symbolic `args`.
+
+    Bare operations may take constants positionally (`x + 3.0` is `Add()(x, 3.0)`),
+    which a layer call refuses: their symbolic tensors are passed as one list
+    and the constants are put back in place inside the call.
+    """
+    if not is_operation(layer):
+        return _LayerCall(layer, replace=replace)(*args, **kwargs)
+    flat = keras.tree.flatten((args, kwargs))
+    positions = [i for i, value in enumerate(flat) if isinstance(value, keras.KerasTensor)]
+    function = replace if replace is not None else layer
+
+    def run(tensors: list[Any]) -> Any:
+        values = list(flat)
+        for i, tensor in zip(positions, tensors, strict=True):
+            values[i] = tensor
+        call_args, call_kwargs = keras.tree.pack_sequence_as((args, kwargs), values)
+        return function(*call_args, **call_kwargs)
+
+    return _LayerCall(layer, replace=run)([flat[i] for i in positions])
 
 
 @dataclass
@@ -147,6 +215,8 @@ class _Rewiring:
     order: list[str] = field(default_factory=list)
     layers: dict[str, keras.layers.Layer] = field(default_factory=dict)
     logits: dict[int, Any] = field(default_factory=dict)
+    #: ids of tensors computed only from globally pooled features (see `_GLOBAL_POOLING`).
+    pooled: set[int] = field(default_factory=set)
 
     def run(self, model: keras.Model, inputs: Any, prefix: str) -> Any:
         if isinstance(model, keras.Sequential):
@@ -176,10 +246,16 @@ class _Rewiring:
             y = self.run(layer, inner_inputs, prefix=f"{path}/")
         else:
             replacement = self.call_override(layer) if self.call_override else None
-            y = _LayerCall(layer, replace=replacement)(*args, **kwargs)
+            y = _wrapped_call(layer, replacement, args, kwargs)
             if is_squashing_head(layer) and not isinstance(y, (list, tuple, dict)):
-                linear = call_with_activation(layer, keras.activations.linear)
-                self.logits[id(y)] = _LayerCall(layer, replace=linear)(*args, **kwargs)
+                self.logits[id(y)] = _wrapped_call(layer, _linear_call(layer), args, kwargs)
+            symbolic = [
+                t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)
+            ]
+            if isinstance(layer, _GLOBAL_POOLING) or (
+                symbolic and all(id(t) in self.pooled for t in symbolic)
+            ):
+                self.pooled.update(id(t) for t in keras.tree.flatten(y))
         if path not in self.outputs:
             self.order.append(path)
         self.outputs.setdefault(path, []).append(y)
@@ -316,6 +392,12 @@ def _resolve_path(
             and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
             and not _is_expandable(rewiring.layers[p])
         ]
+        before_pooling = [
+            p for p in candidates if id(rewiring.outputs[p][0]) not in rewiring.pooled
+        ]
+        candidates = before_pooling or candidates
+        while len(candidates) > 1 and isinstance(rewiring.layers[candidates[-1]], _LOCAL_POOLING):
+            candidates.pop()
         if not candidates:
             raise NotSpatialError(
                 f"Model {model.name!r} has no layer with a 4-D (batch, height, width, "
@@ -372,7 +454,8 @@ def build_gradient_model(
     Args:
         model: a Functional or Sequential `keras.Model`, possibly with nested models.
         layer: name, `"outer/inner"` path, `Layer` object, or `None` for the last layer
-            with a 4-D output (searching inside nested models).
+            with a 4-D output before the global pooling, trailing max/average pooling
+            skipped (searching inside nested models).
         logits: remove a trailing softmax/sigmoid from the outputs (the paper's y^c is
             the score *before* the softmax). The user's model is not changed.
         expose_layer: when `False`, only the outputs are computed (guided backprop).

@@ -9,7 +9,7 @@ without a guided rule). `tests/test_applications.py` runs six of them in CI.
 
 Run:
     python scripts/check_applications.py                 # one model per family
-    python scripts/check_applications.py --all           # all 40 (slow, ~6 GB RAM)
+    python scripts/check_applications.py --all           # all 40 (30 min, a few GB)
     python scripts/check_applications.py ResNet50 Xception --size 224
 """
 

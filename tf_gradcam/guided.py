@@ -15,7 +15,8 @@ The ReLUs are replaced in the engine's gradient graph only (see
 user's model is never cloned or edited. `ReluOverride` finds every ReLU,
 ReLU6, leaky or thresholded ReLU: `activation="relu"`/`"relu6"`/`"leaky_relu"`
 on any layer (Dense, Conv*, Activation), `keras.layers.ReLU` and `LeakyReLU`
-layers, at every depth of nested Functional and Sequential models.
+layers, `keras.ops.relu`/`relu6`/`leaky_relu` applied as bare operations in a
+functional graph, at every depth of nested Functional and Sequential models.
 
 The backward rules, for `f(x) = keras.activations.relu(x, negative_slope,
 max_value, threshold)` and an incoming gradient `g`:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -166,6 +168,16 @@ def test_multi_input_multi_output(images):
     np.testing.assert_allclose(result.weights, q * w / 196, rtol=1e-5, atol=1e-9)
     with pytest.raises(NoGradientError, match="does not depend on layer"):
         GradCAM(model, output="aux")({"image": images, "question": questions}, target=0)
+
+
+def test_dict_input_model_gives_no_keras_warning(images):
+    """The gradient model's fresh inputs carry the dict keys as names (Keras warns otherwise)."""
+    model = _vqa_like()
+    questions = np.random.default_rng(3).random((4, 6), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        cam = GradCAM(model, output="answer")
+        cam({"image": images, "question": questions}, target=2)
 
 
 def test_multi_output_list_and_callable_targets(images):

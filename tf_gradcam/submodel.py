@@ -321,6 +321,11 @@ def _fresh_inputs(model: keras.Model, sample_shape: tuple[int, ...] | None) -> A
                 "shape can be inferred."
             )
         return keras.Input(shape=tuple(sample_shape[1:]), dtype=model.dtype)
+    if isinstance(reference, dict):  # Keras wants each dict key to be its input's name
+        return {
+            key: keras.Input(shape=tuple(x.shape[1:]), dtype=x.dtype, name=key)
+            for key, x in reference.items()
+        }
     return keras.tree.map_structure(
         lambda x: keras.Input(shape=tuple(x.shape[1:]), dtype=x.dtype), reference
     )

@@ -168,3 +168,18 @@ def test_default_layer_steps_back_over_trailing_pooling():
     assert GradCAM(model, "pool2").layer == "pool2"
     only_pool = keras.Model(inputs, layers.MaxPooling2D()(inputs))
     assert GradCAM(only_pool, logits=False).layer == only_pool.layers[-1].name
+
+
+def test_an_operation_object_names_the_layer():
+    """A residual `x + y` has a generated name; the operation object itself selects it."""
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    y = layers.Conv2D(4, 1, name="branch")(x)
+    summed = x + y
+    model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(summed)))
+    add = next(node for node in model.operations if is_operation(node))
+    images = np.random.default_rng(6).random((2, 8, 8, 3), dtype=np.float32)
+    by_object = GradCAM(model, add)(images, target=1)
+    assert by_object.layer == add.name
+    np.testing.assert_array_equal(by_object.maps, GradCAM(model, add.name)(images, target=1).maps)
+    np.testing.assert_array_equal(by_object.maps, GradCAM(model)(images, target=1).maps)

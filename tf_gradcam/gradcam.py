@@ -119,9 +119,10 @@ class GradCAM:
     Args:
         model: a Functional or Sequential `keras.Model` (nested models are fine).
         layer: the convolutional layer to explain: a name, an `"outer/inner"`
-            path through nested models, a `Layer` object, or `None` for the last
-            layer with a 4-D output before the global pooling (trailing max/average
-            pooling skipped: VGG16's `block5_conv3`, not `block5_pool`).
+            path through nested models, a `Layer` (or bare operation) object, or
+            `None` for the last layer with a 4-D output before the global pooling
+            (trailing max/average pooling skipped: VGG16's `block5_conv3`, not
+            `block5_pool`).
         pooling: `"mean"` (eq. 1) or `"max"` pooling of the gradients.
         relu: apply the ReLU of eq. 2.
         counterfactual: negate the gradients (§3.3): regions whose removal would
@@ -654,7 +655,7 @@ def explain(
         >>> result.heatmaps.shape
         (8, 224, 224)
     """
-    layer_key = id(layer) if isinstance(layer, keras.layers.Layer) else layer
+    layer_key = id(layer) if isinstance(layer, keras.Operation) else layer
     try:
         key = (id(model), layer_key, tuple(sorted(options.items(), key=lambda kv: kv[0])))
         hash(key)

@@ -411,7 +411,7 @@ def _resolve_path(
                 "exists inside a layer this library cannot open."
             )
         return candidates[-1]
-    if isinstance(layer, keras.layers.Layer):
+    if isinstance(layer, keras.Operation):
         matches = [p for p in paths if rewiring.layers[p] is layer]
         if not matches:
             raise LayerNotFoundError(

@@ -163,7 +163,7 @@ class _LayerCall(keras.layers.Layer):
     """
 
     def __init__(
-        self, layer: keras.layers.Layer, *, replace: Callable[..., Any] | None = None
+        self, layer: keras.Operation, *, replace: Callable[..., Any] | None = None
     ) -> None:
         # Bare operations (`x + 3.0`) have no dtype policy: they compute in their inputs' dtype.
         dtype = getattr(layer, "dtype_policy", None)
@@ -179,7 +179,7 @@ class _LayerCall(keras.layers.Layer):
 
 
 def _wrapped_call(
-    layer: keras.layers.Layer,
+    layer: keras.Operation,
     replace: Callable[..., Any] | None,
     args: tuple,
     kwargs: dict,
@@ -384,33 +384,41 @@ def _is_spatial(tensor: Any) -> bool:
     return shape is not None and len(shape) == 4
 
 
+def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
+    """The layer `layer=None` explains: the last feature map before the global pooling.
+
+    Among the 4-D outputs of leaf layers, those computed only from globally
+    pooled features are skipped (unless nothing else is left), then trailing
+    max/average pooling layers.
+    """
+    candidates = [
+        p
+        for p in rewiring.order
+        if _is_spatial(rewiring.outputs[p][0])
+        and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
+        and not _is_expandable(rewiring.layers[p])
+    ]
+    if not candidates:
+        raise NotSpatialError(
+            f"Model {model.name!r} has no layer with a 4-D (batch, height, width, "
+            "channels) output, so there is no convolutional feature map to explain. "
+            "Grad-CAM needs a convolutional layer; pass `layer=` explicitly if one "
+            "exists inside a layer this library cannot open."
+        )
+    before_pooling = [p for p in candidates if id(rewiring.outputs[p][0]) not in rewiring.pooled]
+    candidates = before_pooling or candidates
+    while len(candidates) > 1 and isinstance(rewiring.layers[candidates[-1]], _LOCAL_POOLING):
+        candidates.pop()
+    return candidates[-1]
+
+
 def _resolve_path(
-    model: keras.Model, layer: str | keras.layers.Layer | None, rewiring: _Rewiring
+    model: keras.Model, layer: str | keras.Operation | None, rewiring: _Rewiring
 ) -> str:
     """Turn the user's `layer` argument into a path of the rewired graph."""
     paths = rewiring.order
     if layer is None:
-        candidates = [
-            p
-            for p in paths
-            if _is_spatial(rewiring.outputs[p][0])
-            and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
-            and not _is_expandable(rewiring.layers[p])
-        ]
-        before_pooling = [
-            p for p in candidates if id(rewiring.outputs[p][0]) not in rewiring.pooled
-        ]
-        candidates = before_pooling or candidates
-        while len(candidates) > 1 and isinstance(rewiring.layers[candidates[-1]], _LOCAL_POOLING):
-            candidates.pop()
-        if not candidates:
-            raise NotSpatialError(
-                f"Model {model.name!r} has no layer with a 4-D (batch, height, width, "
-                "channels) output, so there is no convolutional feature map to explain. "
-                "Grad-CAM needs a convolutional layer; pass `layer=` explicitly if one "
-                "exists inside a layer this library cannot open."
-            )
-        return candidates[-1]
+        return _default_path(model, rewiring)
     if isinstance(layer, keras.Operation):
         matches = [p for p in paths if rewiring.layers[p] is layer]
         if not matches:

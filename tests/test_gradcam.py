@@ -338,3 +338,96 @@ def test_jit_compile_gives_the_same_maps(images, cnn):
         np.testing.assert_allclose(b.heatmaps, a.heatmaps, atol=1e-5)
         np.testing.assert_allclose(b.weights, a.weights, rtol=1e-5, atol=1e-8)
         np.testing.assert_array_equal(b.classes, a.classes)
+
+
+# ------------------------------------------- a head whose gradients vary over space
+
+
+def _tanh_head_model(classes: int = 2, activation: str | None = None) -> keras.Model:
+    """x (8×8×3) → 3×3/2 conv, tanh ('features') → 1×1 conv, tanh ('hidden') → GAP → Dense.
+
+    The head after 'features' is nonlinear, so ∂y/∂A varies over space and from
+    image to image (unlike GAP → Dense, where it is W/Z everywhere).
+    """
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(5, 3, strides=2, padding="same", activation="tanh", name="features")(inputs)
+    # large weights: the tanh saturates unevenly, so the head is far from linear
+    spread = keras.initializers.RandomNormal(stddev=1.5)
+    x = layers.Conv2D(4, 1, activation="tanh", kernel_initializer=spread, name="hidden")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(classes, activation=activation, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def _logit_gradients(model: keras.Model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Activations A (n, h, w, k) and ∂z_j/∂A (n, h, w, k, classes) in closed form.
+
+    z = mean_ij(tanh(A K2 + b2)) · W + b, so ∂z_j/∂A_ijk = Σ_m (1 − B²_ijm) K2[k, m] W[m, j] / Z.
+    """
+    a = _features(model, "features", images).astype(np.float64)
+    b = _features(model, "hidden", images).astype(np.float64)
+    k2 = model.get_layer("hidden").kernel.numpy()[0, 0].astype(np.float64)
+    w = model.get_layer("head").kernel.numpy().astype(np.float64)
+    z = a.shape[1] * a.shape[2]
+    return a, np.einsum("nijm,km,mc->nijkc", 1.0 - b**2, k2, w) / z
+
+
+@pytest.fixture
+def varied_images() -> np.ndarray:
+    return np.random.default_rng(11).normal(size=(4, 8, 8, 3)).astype(np.float32)
+
+
+def test_max_pooling_is_the_spatial_maximum_of_the_gradients(varied_images):
+    """pooling='max' (App. B.2.2): α_k = max_ij ∂y/∂A_ij^k, not the mean."""
+    model = _tanh_head_model()
+    _, dz = _logit_gradients(model, varied_images)
+    maxed = GradCAM(model, "features", pooling="max")(varied_images, target=1)
+    expected = dz[..., 1].max(axis=(1, 2))
+    np.testing.assert_allclose(maxed.weights, expected, rtol=1e-5, atol=1e-7)
+    # the gradients do vary over space: the mean is a different answer
+    assert np.abs(expected - dz[..., 1].mean(axis=(1, 2))).min() > 1e-3 * np.abs(expected).max()
+
+
+def test_alpha_is_per_image_on_a_nonlinear_head(varied_images):
+    """One shared target, a nonlinear head: each image gets its own α (eq. 1), never pooled."""
+    model = _tanh_head_model()
+    a, dz = _logit_gradients(model, varied_images)
+    result = GradCAM(model, "features")(varied_images, target=1)
+    alpha = dz[..., 1].mean(axis=(1, 2))
+    np.testing.assert_allclose(result.weights, alpha, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        result.raw_maps, np.einsum("nijk,nk->nij", a, alpha), rtol=1e-5, atol=1e-6
+    )
+    # the images' α differ, so α pooled over the batch would be wrong for each
+    spread = np.abs(alpha - alpha.mean(axis=0)).max(axis=1)
+    assert (spread > 0.05 * np.abs(alpha).max()).all()
+
+
+def test_relu_false_heatmap_is_the_min_max_scaled_upsampled_raw_map(varied_images):
+    """relu=False (App. B.2.1): maps keep their sign; heatmaps are (up − min) / (max − min)."""
+    import cv2
+
+    model = _tanh_head_model()
+    a, dz = _logit_gradients(model, varied_images)
+    result = GradCAM(model, "features", relu=False)(varied_images, target=0)
+    raw = np.einsum("nijk,nk->nij", a, dz[..., 0].mean(axis=(1, 2)))
+    assert (raw < 0).any() and (raw > 0).any()
+    np.testing.assert_allclose(result.maps, raw, rtol=1e-5, atol=1e-6)
+    up = np.stack([cv2.resize(m, (8, 8), interpolation=cv2.INTER_LINEAR) for m in raw])
+    low, high = up.min(axis=(1, 2), keepdims=True), up.max(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(result.heatmaps, (up - low) / (high - low), atol=1e-5)
+
+
+def test_logits_false_weights_follow_the_softmax_derivative(varied_images):
+    """logits=False: y = p_c, so ∂y/∂A = p_c Σ_j (δ_cj − p_j) ∂z_j/∂A, averaged (eq. 1)."""
+    model = _tanh_head_model(classes=3, activation="softmax")
+    _, dz = _logit_gradients(model, varied_images)
+    p = model(varied_images).numpy().astype(np.float64)
+    c = 2
+    delta = np.eye(3)[c]
+    dp = np.einsum("nijkc,nc->nijk", dz, p[:, c : c + 1] * (delta - p))
+    result = GradCAM(model, "features", logits=False)(varied_images, target=c)
+    np.testing.assert_allclose(result.scores, p[:, c], rtol=1e-5)
+    np.testing.assert_allclose(result.weights, dp.mean(axis=(1, 2)), rtol=1e-4, atol=1e-8)
+    logit_alpha = GradCAM(model, "features")(varied_images, target=c).weights
+    np.testing.assert_allclose(logit_alpha, dz[..., c].mean(axis=(1, 2)), rtol=1e-5, atol=1e-7)

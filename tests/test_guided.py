@@ -26,6 +26,8 @@ RULE_CASES = [
     # (mode, parameters, expected gradient)
     ("guided", {}, [0, 0, 0, 4, 0, 6, 7, 8]),  # x > 0 and g > 0
     ("guided", {"max_value": 6.0}, [0, 0, 0, 4, 0, 6, 0, 0]),  # ... and x < 6
+    ("guided", {"max_value": 5.0}, [0, 0, 0, 4, 0, 0, 0, 0]),  # x == max_value is saturated
+    ("guided", {"max_value": 5.0, "threshold": -2.0}, [0, 0, 3, 4, 0, 0, 0, 0]),
     ("guided", {"threshold": 1.0}, [0, 0, 0, 0, 0, 6, 7, 8]),  # x > 1 and g > 0
     ("guided", {"negative_slope": 0.1}, [0, 0, 0, 4, 0, 6, 7, 8]),  # leaky part is "off"
     ("deconv", {}, [1, 0, 3, 4, 0, 6, 7, 8]),  # g > 0, whatever x
@@ -241,6 +243,25 @@ def test_relu_gradients_rejects_bad_values(tiny):
         tf_gradcam.GradCAM(model, "conv", relu_gradients="guided", call_override=lambda _: None)
 
 
+@pytest.mark.parametrize("max_value", [5.0, 2.5])
+def test_relu_layer_with_max_value_passes_nothing_at_saturation(max_value):
+    """A `ReLU(max_value=m)` layer (not ReLU6): inputs at exactly m, or above, pass nothing.
+
+    x → ReLU(max_value=m) → Flatten → Dense(1) with weights w > 0: the guided
+    gradient w.r.t. x is w where 0 < x < m, else 0 (the incoming gradient w is positive).
+    """
+    inputs = keras.Input((2, 3, 1))
+    h = keras.layers.ReLU(max_value=max_value)(inputs)
+    head = keras.layers.Dense(1)
+    model = keras.Model(inputs, head(keras.layers.Flatten()(h)))
+    w = np.arange(1.0, 7.0, dtype=np.float32)[:, None]
+    head.set_weights([w, np.zeros(1, np.float32)])
+    x = np.array([-1.0, 0.0, 1.0, max_value - 0.5, max_value, max_value + 1], np.float32)
+    result = tf_gradcam.GuidedBackprop(model)(x.reshape(1, 2, 3, 1), target=0)
+    expected = np.where((x > 0) & (x < max_value), w[:, 0], 0.0)
+    np.testing.assert_array_equal(result.gradients.reshape(-1), expected)
+
+
 # ------------------------------------------------------------- fused methods
 
 
@@ -259,19 +280,31 @@ def conv_model():
     return model, images
 
 
+@pytest.mark.parametrize("layer", ["r2", "c1"])
 @pytest.mark.parametrize(
-    ("fused", "backprop"),
+    ("fused", "backprop", "mode"),
     [
-        (tf_gradcam.GuidedGradCAM, tf_gradcam.GuidedBackprop),
-        (tf_gradcam.DeconvolutionGradCAM, tf_gradcam.Deconvolution),
+        (tf_gradcam.GuidedGradCAM, tf_gradcam.GuidedBackprop, "guided"),
+        (tf_gradcam.DeconvolutionGradCAM, tf_gradcam.Deconvolution, "deconv"),
     ],
 )
-def test_fused_equals_product_of_its_parts(conv_model, fused, backprop):
-    """(Guided|Deconvolution) Grad-CAM = its backprop ⊙ plain Grad-CAM's upsampled heatmap."""
+def test_fused_equals_product_of_its_parts(conv_model, fused, backprop, mode, layer):
+    """(Guided|Deconvolution) Grad-CAM = its backprop ⊙ plain Grad-CAM's upsampled heatmap.
+
+    At "c1" the ReLU "r2" lies between the layer and the score: the Grad-CAM
+    factor must backpropagate through it with the true gradient, not the
+    modified one the pixel factor uses.
+    """
     model, images = conv_model
     targets = [0, 1, 2, 1]
-    result = fused(model, "r2")(images, target=targets)
-    cam = tf_gradcam.GradCAM(model, "r2")(images, target=targets)
+    result = fused(model, layer)(images, target=targets)
+    cam = tf_gradcam.GradCAM(model, layer)(images, target=targets)
+    assert not cam.degenerate.any()
+    if layer == "c1":  # the modified rule at r2 would give other weights
+        modified = tf_gradcam.GradCAM(model, layer, relu_gradients=mode)
+        other = modified(images, target=targets).weights
+        assert np.abs(other - cam.weights).max() > 1e-3 * np.abs(cam.weights).max()
+    np.testing.assert_allclose(result.cam.weights, cam.weights, rtol=1e-5, atol=1e-8)
     pixels = backprop(model)(images, target=targets)
     np.testing.assert_allclose(result.cam.heatmaps, cam.heatmaps, atol=1e-6)
     np.testing.assert_allclose(result.backprop, pixels.gradients, rtol=1e-5, atol=1e-7)

@@ -143,6 +143,24 @@ def test_unbuilt_sequential_is_built_from_the_images(images):
     assert GradCAM(model)(images).heatmaps.shape == (4, 16, 16)
 
 
+def test_sequential_never_built_nor_called_is_wired_from_the_first_batch(images):
+    """No Input, no build(), never called: the first batch's shape builds it; CAM identity holds."""
+    model = keras.Sequential(
+        [layers.Conv2D(4, 3, activation="relu"), layers.GlobalAveragePooling2D(), layers.Dense(2)]
+    )
+    assert not model.built and not model.layers[0].built
+    result = GradCAM(model)(images, target=1)
+    conv, _, dense = model.layers
+    features = conv(images).numpy()  # the layer's own weights, built by the first call
+    kernel = dense.kernel.numpy()
+    z = features.shape[1] * features.shape[2]
+    np.testing.assert_allclose(result.weights, np.tile(kernel[:, 1] / z, (4, 1)), rtol=1e-5)
+    cam = np.einsum("nhwk,k->nhw", features, kernel[:, 1])
+    np.testing.assert_allclose(result.raw_maps * z, cam, rtol=1e-5, atol=1e-5 * np.abs(cam).max())
+    np.testing.assert_allclose(result.scores, model(images).numpy()[:, 1], rtol=1e-6)
+    assert result.heatmaps.shape == (4, 16, 16)
+
+
 def _vqa_like():
     image = keras.Input((16, 16, 3), name="image")
     question = keras.Input((6,), name="question")

@@ -364,3 +364,90 @@ def test_non_tensorflow_backend_is_refused(cnn, monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(tf_gradcam.BackendError, match="KERAS_BACKEND=tensorflow"):
         GradCAM(cnn)
+
+
+# ------------------------------------------------ inputs and outputs at the edges
+
+
+def _two_input_model() -> keras.Model:
+    """Named list inputs 'left' (16×16×3) and 'right' (16×16×3), one output."""
+    left = keras.Input((16, 16, 3), name="left")
+    right = keras.Input((16, 16, 3), name="right")
+    f = layers.Conv2D(4, 3, activation="relu", name="conv")(layers.Add()([left, right]))
+    outputs = layers.Dense(3, name="head")(layers.GlobalAveragePooling2D()(f))
+    return keras.Model([left, right], outputs)
+
+
+def test_dict_with_a_missing_key_names_the_expected_keys(images):
+    """A dict image input without one of the model's keys: InputError listing them all."""
+    model = _vqa_like()
+    with pytest.raises(InputError, match=r"no entry for the model input\(s\) \['question'\]") as e:
+        GradCAM(model, output="answer")({"image": images, "questoin": images[:, 0, 0]})
+    assert "['image', 'question']" in str(e.value) and "['questoin'] match no input" in str(e.value)
+
+
+def test_dict_keyed_by_input_names_for_a_list_input_model(images):
+    """Keras accepts a dict keyed by input names for list inputs; so does the engine."""
+    model = _two_input_model()
+    other = images[::-1].copy()
+    cam = GradCAM(model)
+    by_list = cam([images, other], target=1)
+    by_dict = cam({"right": other, "left": images}, target=1)
+    np.testing.assert_array_equal(by_dict.heatmaps, by_list.heatmaps)
+    swapped = cam([other, images], target=1)  # the conv sees left + right: the same sum
+    np.testing.assert_allclose(swapped.maps, by_list.maps, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match=r"no entry for the model input\(s\) \['right'\]"):
+        cam({"left": images}, target=1)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda x: [x], "takes 2 inputs; received 1"),
+        (lambda x: [x, x, x], "takes 2 inputs; received 3"),
+        (lambda x: [x, x[:3]], r"different batch sizes: \[3, 4\]"),
+        (lambda x: x, "takes 2 inputs; received 1"),
+    ],
+)
+def test_wrong_number_of_inputs_or_batch_sizes(images, bad, message):
+    """List length and batch-size mismatches are InputErrors naming both numbers."""
+    with pytest.raises(InputError, match=message):
+        GradCAM(_two_input_model())(bad(images), target=0)
+
+
+def test_unknown_output_names_and_positions_are_refused_at_construction():
+    """`output=` is checked when the explainer is built, on single- and multi-output models."""
+    inputs = keras.Input((16, 16, 3))
+    f = layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    pooled = layers.GlobalAveragePooling2D()(f)
+    heads = [layers.Dense(2, name="first")(pooled), layers.Dense(3, name="second")(pooled)]
+    listed = keras.Model(inputs, heads)
+    with pytest.raises(TargetError, match=r"names no output.*\['first', 'second'\]"):
+        GradCAM(listed, output="secnd")
+    with pytest.raises(TargetError, match="not a valid position among the model's 2 outputs"):
+        GradCAM(listed, output=2)
+    single = keras.Model(inputs, heads[1])
+    with pytest.raises(TargetError, match="one output named 'second'"):
+        GradCAM(single, output="first")
+    with pytest.raises(TargetError, match="one output"):
+        GradCAM(single, output=1)
+    with pytest.raises(TargetError, match=r"names no output; the model's outputs are \['answer'"):
+        GradCAM(_vqa_like(), output="answr")
+
+
+def test_output_by_name_equals_output_by_position(images):
+    """A list-output model's head can be named: the same maps as its position."""
+    inputs = keras.Input((16, 16, 3))
+    f = layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    pooled = layers.GlobalAveragePooling2D()(f)
+    model = keras.Model(
+        inputs, [layers.Dense(2, name="a")(pooled), layers.Dense(3, name="b")(pooled)]
+    )
+    by_name = GradCAM(model, output="b")(images, target=2)
+    by_position = GradCAM(model, output=1)(images, target=2)
+    np.testing.assert_array_equal(by_name.weights, by_position.weights)
+    kernel = model.get_layer("b").kernel.numpy()[:, 2]
+    np.testing.assert_allclose(by_name.weights, np.tile(kernel / 196, (4, 1)), rtol=1e-5)
+    single = keras.Model(inputs, model.outputs[1])
+    named = GradCAM(single, output="b")(images, target=2)  # its only output, by name
+    np.testing.assert_allclose(named.weights, by_name.weights, rtol=1e-6)

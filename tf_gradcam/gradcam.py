@@ -27,7 +27,7 @@ from tf_gradcam.errors import (
 )
 from tf_gradcam.image import normalize_maps, upsample_maps
 from tf_gradcam.submodel import CallOverride, GradientModel, build_gradient_model
-from tf_gradcam.targets import Target, TargetSpec, resolve_target
+from tf_gradcam.targets import Target, TargetSpec, _select_output, resolve_target
 
 __all__ = ["Explanation", "GradCAM", "explain"]
 
@@ -212,6 +212,7 @@ class GradCAM:
             has_inputs = False
         if has_inputs or not isinstance(model, keras.Sequential):
             self._gradient_model = self._build(None)
+            self._selected_output(self._gradient_model.output_structure)  # fail early
 
     # ------------------------------------------------------------------ build
 
@@ -246,29 +247,38 @@ class GradCAM:
 
     # ------------------------------------------------------------- the steps
 
+    def _output_names(self) -> list[str] | None:
+        try:
+            names = self.model.output_names
+        except (AttributeError, ValueError):  # a Sequential model without inputs yet
+            return None
+        return list(names) if names else None
+
+    def _selected_output(self, outputs: Any) -> Any:
+        """The output class targets index: `output=` by position or name, else the first."""
+        output = self.output
+        if isinstance(outputs, (list, tuple)) and isinstance(output, str):
+            names = self._output_names() or []
+            if output not in names:
+                raise TargetError(
+                    f"`output={output!r}` names no output of model {self.model.name!r}; its "
+                    f"outputs are {names} (or pass a position, 0 to {len(outputs) - 1})."
+                )
+            output = names.index(output)
+        elif not isinstance(outputs, (list, tuple, dict)) and isinstance(output, str):
+            names = self._output_names() or []
+            if output not in names:
+                raise TargetError(
+                    f"`output={output!r}` names no output of model {self.model.name!r}, which "
+                    f"has one output{f' named {names[0]!r}' if names else ''}; leave "
+                    "`output` unset."
+                )
+            output = None
+        return _select_output(outputs, output, "GradCAM")
+
     def _scored_output(self, outputs: Any) -> tf.Tensor:
         """The (batch, classes) output that class targets index."""
-        if isinstance(outputs, dict):
-            if self.output is None:
-                key = next(iter(outputs))
-            elif self.output in outputs:
-                key = self.output
-            else:
-                raise TargetError(
-                    f"`output={self.output!r}` names no output; the model's outputs are "
-                    f"{list(outputs)}."
-                )
-            scored = outputs[key]
-        elif isinstance(outputs, (list, tuple)):
-            index = 0 if self.output is None else self.output
-            if not isinstance(index, int) or not -len(outputs) <= index < len(outputs):
-                raise TargetError(
-                    f"`output={self.output!r}` is not a valid position among the model's "
-                    f"{len(outputs)} outputs."
-                )
-            scored = outputs[index]
-        else:
-            scored = outputs
+        scored = self._selected_output(outputs)
         if len(scored.shape) != 2:
             raise TargetError(
                 f"Class targets need an output of shape (batch, classes); the scored "
@@ -402,12 +412,11 @@ class GradCAM:
                     f"shape {array.shape}."
                 )
             self._gradient_model = self._build(tuple(array.shape))
+            self._selected_output(self._gradient_model.output_structure)
         specs = self._gradient_model.inputs
         leaves = keras.tree.flatten(specs)
         if isinstance(images, dict):
-            given = [images[k] for k in specs] if isinstance(specs, dict) else None
-            if given is None:
-                raise InputError("`images` is a dict but the model's inputs are not named.")
+            given = self._inputs_from_dict(images, specs)
         elif isinstance(images, (list, tuple)) and len(leaves) > 1:
             given = list(images)
         else:
@@ -422,6 +431,30 @@ class GradCAM:
         if len(batch) > 1:
             raise InputError(f"The inputs have different batch sizes: {sorted(batch)}.")
         return keras.tree.pack_sequence_as(specs, prepared)
+
+    def _inputs_from_dict(self, images: dict, specs: Any) -> list:
+        """One array per input from a dict keyed by the inputs' names (as Keras accepts)."""
+        if isinstance(specs, dict):
+            names = list(specs)
+        else:
+            try:
+                names = [x.name for x in keras.tree.flatten(self.model.input)]
+            except (AttributeError, ValueError):
+                names = []
+            if len(names) != len(keras.tree.flatten(specs)) or len(set(names)) != len(names):
+                raise InputError(
+                    "`images` is a dict, but the model's inputs have no distinct names to "
+                    f"match its keys {sorted(images)}. Pass a list with one array per input."
+                )
+        missing = [name for name in names if name not in images]
+        if missing:
+            unknown = sorted(set(images) - set(names))
+            raise InputError(
+                f"`images` has no entry for the model input(s) {missing}; the model's inputs "
+                f"are {names}. Received keys: {sorted(images)}"
+                + (f" ({unknown} match no input)." if unknown else ".")
+            )
+        return [images[name] for name in names]
 
     def _function(self, inputs: Any, spec: TargetSpec) -> Callable:
         signature = keras.tree.map_structure(

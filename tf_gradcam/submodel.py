@@ -9,17 +9,17 @@ descending into nested Functional and Sequential models at any depth, and
 records every layer's output on the way. The result is a functional
 "gradient model" that shares the user's layers and weights.
 
-The user's model is never modified: every user layer is called through a thin
-`_LayerCall` wrapper, so no Keras graph nodes are added to the user's layers
-(``layer.output`` keeps working), and a layer whose activation must differ
-(the trailing softmax, or a guided ReLU) runs with that activation only while
-the wrapper traces it, under a lock, and is restored at once.
+The user's model is never modified, not even for a moment: every user layer
+is called through a thin `_LayerCall` wrapper, so no Keras graph nodes are
+added to the user's layers (``layer.output`` keeps working), and a layer whose
+activation must differ (the trailing softmax, or a guided ReLU) is run as a
+twin, a shallow copy sharing its variables with its own activation, so no
+other caller of the model ever sees a changed layer.
 """
 
 from __future__ import annotations
 
 import difflib
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,10 +61,6 @@ _GLOBAL_POOLING = (
 #: layer steps back over such trailing layers (VGG16's `block5_pool` gives way
 #: to `block5_conv3`, the paper's 14x14 "conv5_3" maps, §3).
 _LOCAL_POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
-
-# One lock for every activation swap: wrappers may be traced from several
-# threads at once (tf.distribute replicas).
-_SWAP_LOCK = threading.RLock()
 
 #: A function that may replace a layer's call: given the user's layer, return
 #: ``None`` to call it as it is, or a callable run *instead of* ``layer(...)``.
@@ -121,10 +117,12 @@ def call_with_activation(
 ) -> Callable[..., Any]:
     """A function that calls `layer` as if its activation were `activation`.
 
-    The swap happens only while the function runs (inside the gradient model's
-    trace), under a lock, and the layer's own activation is restored in
-    `finally`; use it from a `call_override`. A `Softmax` layer, which has no
-    activation attribute, is treated as its identity when `activation` is linear.
+    The user's layer is never touched: each call runs a *twin*, a shallow copy
+    of the layer (the same variables, the same configuration, the same
+    `call`) whose own `activation` attribute is `activation`. No other caller
+    of the layer, in this thread or another, can observe the substitution.
+    A `Softmax` layer, which has no activation attribute, is treated as its
+    identity when `activation` is linear. Use it from a `call_override`.
 
     Args:
         layer: a layer with an `activation` attribute (Dense, Conv*, Activation).
@@ -140,17 +138,25 @@ def call_with_activation(
     def run(*args: Any, **kwargs: Any) -> Any:
         if isinstance(layer, keras.layers.Softmax):
             return activation(args[0])
-        with _SWAP_LOCK:
-            original = layer.activation
-            # Layer.__setattr__ is bypassed so Keras' attribute tracking never
-            # sees the temporary function; the original is restored in `finally`.
-            object.__setattr__(layer, "activation", activation)
-            try:
-                return layer(*args, **kwargs)
-            finally:
-                object.__setattr__(layer, "activation", original)
+        return _twin(layer, activation=activation)(*args, **kwargs)
 
     return run
+
+
+def _twin(layer: keras.layers.Layer, **replaced: Any) -> keras.layers.Layer:
+    """A shallow copy of `layer` with some attributes replaced; the layer is not touched.
+
+    The copy shares every attribute value (variables, configuration, dtype
+    policy), so it computes what the layer computes except for the replaced
+    attributes. `copy.copy` is not used: Keras layers pickle themselves
+    through the saving format in `__reduce__`. `Layer.__setattr__` is
+    bypassed so attribute tracking never records the replacement.
+    """
+    twin = object.__new__(type(layer))
+    twin.__dict__.update(layer.__dict__)
+    for name, value in replaced.items():
+        object.__setattr__(twin, name, value)
+    return twin
 
 
 class _LayerCall(keras.layers.Layer):

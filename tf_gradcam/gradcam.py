@@ -87,17 +87,6 @@ def _check_backend() -> None:
         )
 
 
-def _spatial_input(inputs: Any) -> Any:
-    """The first 4-D input leaf: its height and width size the heatmaps."""
-    for leaf in keras.tree.flatten(inputs):
-        if len(leaf.shape) == 4:
-            return leaf
-    raise InputError(
-        "None of the model's inputs is a 4-D (batch, height, width, channels) image; "
-        "Grad-CAM heatmaps are sized after the image input."
-    )
-
-
 class GradCAM:
     """Grad-CAM for a Keras model and one of its convolutional layers.
 
@@ -234,6 +223,9 @@ class GradCAM:
                 "inputs; call it on a batch first."
             )
         return self._gradient_model
+
+    def _image_index(self) -> int | None:
+        return getattr(self._gradient_model, "image_index", None)
 
     @property
     def layer(self) -> str:
@@ -374,11 +366,15 @@ class GradCAM:
         grads: tf.Tensor,
         scores: tf.Tensor,
         resolved: tf.Tensor,
+        *,
+        size: tf.Tensor | None = None,
     ) -> dict:
         """Channel weights → weighted sum → ReLU → heatmaps at the input size.
 
         The steps after `gradients`, on what it returns; `tf_gradcam.layerwise`
         runs them once per layer after one shared forward and backward pass.
+        `size` is the heatmaps' `(height, width)`; by default that of the image
+        input the explained layer is computed from.
 
         Returns:
             The fields of an `Explanation` (without `layer`), `k` axis kept.
@@ -386,7 +382,8 @@ class GradCAM:
         weights = self.channel_weights(activations, grads)
         raw = tf.einsum("nhwc,nkc->nkhw", activations, weights)
         maps = tf.nn.relu(raw) if self.relu else raw
-        size = tf.shape(_spatial_input(inputs))[1:3]
+        if size is None:
+            size = self.gradient_model.image_size(inputs)
         heatmaps, degenerate = normalize_maps(upsample_maps(maps, size), signed=not self.relu)
         finite = tf.reduce_all(tf.math.is_finite(raw), axis=[2, 3])
         clean = tf.where(tf.math.is_finite(raw), raw, 0.0)
@@ -426,7 +423,11 @@ class GradCAM:
                 f"The model takes {len(leaves)} inputs; received {len(given)}. Pass a list "
                 "(or dict) with one array per input, e.g. [images, questions]."
             )
-        prepared = [_prepare_leaf(value, spec) for value, spec in zip(given, leaves, strict=True)]
+        image_axis = 1 if self._gradient_model.image_channels_first else -1
+        prepared = [
+            _prepare_leaf(value, spec, channels_axis=image_axis if i == self._image_index() else -1)
+            for i, (value, spec) in enumerate(zip(given, leaves, strict=True))
+        ]
         batch = {int(p.shape[0]) for p in prepared if p.shape[0] is not None}
         if len(batch) > 1:
             raise InputError(f"The inputs have different batch sizes: {sorted(batch)}.")
@@ -600,8 +601,11 @@ def _signature_key(signature: Any) -> tuple:
     return tuple((tuple(s.shape.as_list()), s.dtype.name) for s in keras.tree.flatten(signature))
 
 
-def _prepare_leaf(value: Any, spec: Any) -> tf.Tensor:
-    """Check one input array against its `keras.Input` and convert it."""
+def _prepare_leaf(value: Any, spec: Any, *, channels_axis: int = -1) -> tf.Tensor:
+    """Check one input array against its `keras.Input` and convert it.
+
+    `channels_axis` is 1 for a channels-first image input, else -1.
+    """
     expected = tuple(spec.shape)
     if isinstance(value, tf.Tensor) and not tf.executing_eagerly():
         return tf.cast(value, spec.dtype)  # graph mode: static checks only
@@ -620,14 +624,17 @@ def _prepare_leaf(value: Any, spec: Any) -> tf.Tensor:
         )
     if array.shape[0] == 0:
         raise InputError("Received an empty batch (0 images).")
-    if len(expected) == 4 and expected[-1] is not None and array.shape[-1] != expected[-1]:
+    channels = expected[channels_axis] if len(expected) == 4 else None
+    if channels is not None and array.shape[channels_axis] != channels:
+        first = channels_axis == 1
         raise InputError(
-            f"The model expects {expected[-1]} channels; the images have "
-            f"{array.shape[-1]} (shape {array.shape}). Convert them, e.g. grayscale→RGB "
-            "with np.repeat(images, 3, axis=-1)"
+            f"The model expects {channels} channels on axis {channels_axis % 4} "
+            f"({'channels_first' if first else 'channels_last'}); the images have "
+            f"{array.shape[channels_axis]} (shape {array.shape}). Convert them, e.g. "
+            f"grayscale→RGB with np.repeat(images, 3, axis={channels_axis})"
             + (
                 "; a (batch, height, width) grayscale batch needs a channel axis: "
-                "add a channel axis with images[..., None]."
+                f"add a channel axis with {'images[:, None]' if first else 'images[..., None]'}."
                 if added_batch
                 else "."
             )

@@ -50,7 +50,7 @@ import keras
 import tensorflow as tf
 
 from tf_gradcam.errors import NoGradientError, UnsupportedActivationError
-from tf_gradcam.gradcam import Explanation, GradCAM, _spatial_input
+from tf_gradcam.gradcam import Explanation, GradCAM
 from tf_gradcam.submodel import (
     GradientModel,
     _is_expandable,
@@ -548,7 +548,7 @@ class _InputGradients(GradCAM):
         )
 
     def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
-        image = _spatial_input(inputs)
+        image = self.gradient_model.image(inputs)
         with tf.GradientTape(persistent=spec.k > 1) as tape:
             tape.watch(image)
             _, outputs = self.gradient_model(inputs)
@@ -575,7 +575,7 @@ class _FusedGradCAM(GradCAM):
     """
 
     def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
-        image = _spatial_input(inputs)
+        image = self.gradient_model.image(inputs)
         with tf.GradientTape(persistent=spec.k > 1) as tape:
             tape.watch(image)
             with _true_relu_gradients():
@@ -584,7 +584,9 @@ class _FusedGradCAM(GradCAM):
         backprop = _input_gradients(tape, columns, image)
         del tape
         result["backprop"] = backprop
-        result["gradients"] = backprop * result["heatmaps"][..., None]
+        # heatmaps (batch, k, h, w) broadcast over the image's channel axis
+        channel_axis = 2 if self.gradient_model.image_channels_first else 4
+        result["gradients"] = backprop * tf.expand_dims(result["heatmaps"], channel_axis)
         return result
 
 

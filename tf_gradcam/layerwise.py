@@ -34,6 +34,8 @@ from tf_gradcam.submodel import (
     _is_spatial,
     _resolve_path,
     _rewire,
+    image_of,
+    image_size,
 )
 from tf_gradcam.targets import Target, TargetSpec, resolve_target
 
@@ -86,9 +88,10 @@ class _LayersModel:
         activations = [self._activation(model, rewiring, path) for path in paths]
         self.layer_paths = paths
         self.layer_path = paths[-1]
-        self.channels_first = [
-            getattr(rewiring.layers[p], "data_format", None) == "channels_first" for p in paths
-        ]
+        self.channels_first = [rewiring.channels_first(a) for a in activations]
+        #: per layer: (position of the image it is computed from, channels-first image)
+        self.images = [rewiring.image_input(inputs, a) for a in activations]
+        self.image_index, self.image_channels_first = self.images[-1]
         self.output_structure = outputs
         self.keras_model = keras.Model(
             inputs, activations + flat_outputs, name=f"{model.name}_layerwise"
@@ -206,8 +209,10 @@ class MultiLayerGradCAM(GradCAM):
             if gradient_model.channels_first[i]:
                 layer_activations = tf.transpose(layer_activations, [0, 2, 3, 1])
                 grads = tf.transpose(grads, [0, 1, 3, 4, 2])
+            index, channels_first = gradient_model.images[i]
+            size = image_size(image_of(inputs, index), channels_first)
             results[path] = self.maps_from_gradients(
-                inputs, layer_activations, grads, scores, resolved
+                inputs, layer_activations, grads, scores, resolved, size=size
             )
         return results
 

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from tf_gradcam.errors import (
+    InputError,
     LayerNotFoundError,
     NotSpatialError,
     UnsupportedModelError,
@@ -223,6 +225,12 @@ class _Rewiring:
     logits: dict[int, Any] = field(default_factory=dict)
     #: ids of tensors computed only from globally pooled features (see `_GLOBAL_POOLING`).
     pooled: set[int] = field(default_factory=set)
+    #: id of each tensor → positions (in the flattened inputs) of the inputs it depends on.
+    sources: dict[int, frozenset[int]] = field(default_factory=dict)
+    #: `data_format` of the first layer with one that reads each input position.
+    formats: dict[int, str] = field(default_factory=dict)
+    #: id of each tensor → the `data_format` of the nearest layer before it that has one.
+    layouts: dict[int, str] = field(default_factory=dict)
 
     def run(self, model: keras.Model, inputs: Any, prefix: str) -> Any:
         if isinstance(model, keras.Sequential):
@@ -262,11 +270,61 @@ class _Rewiring:
                 symbolic and all(id(t) in self.pooled for t in symbolic)
             ):
                 self.pooled.update(id(t) for t in keras.tree.flatten(y))
+            self._track_sources(layer, symbolic, y)
         if path not in self.outputs:
             self.order.append(path)
         self.outputs.setdefault(path, []).append(y)
         self.layers[path] = layer
         return y
+
+    def _track_sources(self, layer: keras.Operation, symbolic: list, y: Any) -> None:
+        """Record which inputs `y` depends on, its layout, and each input's first layout."""
+        sources = frozenset().union(*(self.sources.get(id(t), frozenset()) for t in symbolic))
+        data_format = getattr(layer, "data_format", None)
+        if data_format in ("channels_first", "channels_last"):
+            for position in sources:
+                self.formats.setdefault(position, data_format)
+        else:  # layout-preserving layers (activations, BatchNorm, Add...) pass theirs on
+            data_format = next(
+                (self.layouts[id(t)] for t in symbolic if id(t) in self.layouts), None
+            )
+        for tensor in keras.tree.flatten(y):
+            self.sources[id(tensor)] = sources
+            if data_format is not None:
+                self.layouts[id(tensor)] = data_format
+
+    def channels_first(self, activation: Any) -> bool:
+        """Whether a 4-D tensor of the graph is (batch, channels, h, w).
+
+        The `data_format` of the nearest layer before it that has one; failing
+        that, the layout of the image it is computed from (see `image_input`).
+        """
+        data_format = self.layouts.get(id(activation))
+        if data_format is None:
+            positions = sorted(self.sources.get(id(activation), ()))
+            data_format = next(
+                (self.formats[p] for p in positions if p in self.formats),
+                keras.config.image_data_format(),
+            )
+        return data_format == "channels_first"
+
+    def image_input(self, inputs: Any, activation: Any | None) -> tuple[int | None, bool]:
+        """The image input a map is sized after, and whether it is channels-first.
+
+        The first 4-D input that `activation` is computed from (the first 4-D
+        input when `activation` is `None`, or computed from none): with two
+        images of different sizes, each layer's heatmaps take the size of its
+        own image. An image is channels-first when the first layer with a
+        `data_format` that reads it says so (else `keras.config.image_data_format()`).
+        """
+        flat = keras.tree.flatten(inputs)
+        images = [i for i, leaf in enumerate(flat) if len(leaf.shape) == 4]
+        if not images:
+            return None, False
+        feeding = self.sources.get(id(activation), frozenset()) if activation is not None else ()
+        position = next((i for i in images if i in feeding), images[0])
+        data_format = self.formats.get(position, keras.config.image_data_format())
+        return position, data_format == "channels_first"
 
 
 class GradientModel:
@@ -282,6 +340,10 @@ class GradientModel:
         inputs: the symbolic inputs, in the structure of the user's model.
         output_structure: a sample of the output structure (tensor, list or dict).
         channels_first: whether the layer's activations are (batch, channels, h, w).
+        image_index: position, in the flattened inputs, of the image the maps are
+            sized after (the one the layer is computed from), or `None` if no
+            input is 4-D.
+        image_channels_first: whether that image is (batch, channels, h, w).
     """
 
     def __init__(
@@ -291,11 +353,23 @@ class GradientModel:
         layer_path: str | None,
         output_structure: Any,
         channels_first: bool,
+        image_index: int | None = None,
+        image_channels_first: bool = False,
     ) -> None:
         self.keras_model = keras_model
         self.layer_path = layer_path
         self.output_structure = output_structure
         self.channels_first = channels_first
+        self.image_index = image_index
+        self.image_channels_first = image_channels_first
+
+    def image(self, inputs: Any) -> Any:
+        """The image input of `inputs` (same structure as `self.inputs`)."""
+        return image_of(inputs, self.image_index)
+
+    def image_size(self, inputs: Any) -> Any:
+        """`(height, width)` of the image input, as a tensor."""
+        return image_size(self.image(inputs), self.image_channels_first)
 
     @property
     def inputs(self) -> Any:
@@ -310,6 +384,22 @@ class GradientModel:
             activations, flat_outputs = flat[0], flat[1:]
         outputs = keras.tree.pack_sequence_as(self.output_structure, flat_outputs)
         return activations, outputs
+
+
+def image_of(inputs: Any, index: int | None) -> Any:
+    """The flattened `inputs`' leaf at `index`; an `InputError` when no input is an image."""
+    if index is None:
+        raise InputError(
+            "None of the model's inputs is a 4-D (batch, height, width, channels) image; "
+            "Grad-CAM heatmaps are sized after the image input."
+        )
+    return keras.tree.flatten(inputs)[index]
+
+
+def image_size(image: Any, channels_first: bool) -> Any:
+    """`(height, width)` of a 4-D image batch as an int32 tensor."""
+    shape = tf.shape(image)
+    return shape[2:4] if channels_first else shape[1:3]
 
 
 def _fresh_inputs(model: keras.Model, sample_shape: tuple[int, ...] | None) -> Any:
@@ -357,6 +447,8 @@ def _rewire(
     _check_model(model)
     inputs = _fresh_inputs(model, sample_shape)
     rewiring = _Rewiring(call_override=call_override)
+    for position, leaf in enumerate(keras.tree.flatten(inputs)):
+        rewiring.sources[id(leaf)] = frozenset({position})
     outputs = rewiring.run(model, inputs, prefix="")
     return rewiring, inputs, outputs
 
@@ -520,13 +612,18 @@ def build_gradient_model(
                 "Choose a convolutional layer, e.g. "
                 f"{[p for p in rewiring.order if _is_spatial(rewiring.outputs[p][0])][-3:]}."
             )
-        channels_first = getattr(rewiring.layers[path], "data_format", None) == "channels_first"
+        channels_first = rewiring.channels_first(activation)
         exposed = [activation]
 
+    image_index, image_channels_first = rewiring.image_input(
+        inputs, exposed[0] if exposed else None
+    )
     keras_model = keras.Model(inputs, exposed + flat_outputs, name=f"{model.name}_gradcam")
     return GradientModel(
         keras_model,
         layer_path=path,
         output_structure=outputs,
         channels_first=channels_first,
+        image_index=image_index,
+        image_channels_first=image_channels_first,
     )

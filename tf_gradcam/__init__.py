@@ -5,40 +5,65 @@ Example:
     >>> cam = tf_gradcam.GradCAM(model)          # built once per model and layer
     >>> result = cam(images)                     # maps for the predicted classes
     >>> result.heatmaps.shape                    # (batch, height, width), in [0, 1]
+
+The public names load on first use (PEP 562): `import tf_gradcam` itself does
+not import TensorFlow, so the `tf-gradcam` command answers `--help` at once.
+`from tf_gradcam import GradCAM`, `tf_gradcam.GradCAM` and
+`import tf_gradcam.gradcam` work as with eager imports. The first public name
+used (other than the error classes) also imports `tf_gradcam.guided`, which
+registers the Keras layers `GuidedReLU` and `DeconvReLU` for loading saved
+models; to load a saved model holding them before using any name, import
+`tf_gradcam.guided` first.
 """
 
-from tf_gradcam.callback import GradCAMCallback
-from tf_gradcam.dataset import DatasetSummary, ExplainedBatch, explain_dataset, iter_shards
-from tf_gradcam.errors import (
-    BackendError,
-    GradCAMError,
-    InputError,
-    LayerNotFoundError,
-    NoGradientError,
-    NotSpatialError,
-    TargetError,
-    UnsupportedActivationError,
-    UnsupportedModelError,
-)
-from tf_gradcam.figures import plot_fig1
-from tf_gradcam.gradcam import Explanation, GradCAM, explain
-from tf_gradcam.guided import (
-    Deconvolution,
-    DeconvolutionGradCAM,
-    DeconvReLU,
-    GuidedBackprop,
-    GuidedGradCAM,
-    GuidedReLU,
-    PixelExplanation,
-    deconv_relu,
-    guided_relu,
-)
-from tf_gradcam.image import normalize_gradients, overlay
-from tf_gradcam.layerwise import MultiLayerGradCAM, explain_layers, plot_layers
-from tf_gradcam.submodel import layer_paths
-from tf_gradcam.targets import AnswerScore, CaptionLogProb, TopK, WordLogProb
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_SOURCES: dict[str, str] = {
+    "GradCAMCallback": "callback",
+    "DatasetSummary": "dataset",
+    "ExplainedBatch": "dataset",
+    "explain_dataset": "dataset",
+    "iter_shards": "dataset",
+    "BackendError": "errors",
+    "GradCAMError": "errors",
+    "InputError": "errors",
+    "LayerNotFoundError": "errors",
+    "NoGradientError": "errors",
+    "NotSpatialError": "errors",
+    "TargetError": "errors",
+    "UnsupportedActivationError": "errors",
+    "UnsupportedModelError": "errors",
+    "plot_fig1": "figures",
+    "Explanation": "gradcam",
+    "GradCAM": "gradcam",
+    "explain": "gradcam",
+    "Deconvolution": "guided",
+    "DeconvolutionGradCAM": "guided",
+    "DeconvReLU": "guided",
+    "GuidedBackprop": "guided",
+    "GuidedGradCAM": "guided",
+    "GuidedReLU": "guided",
+    "PixelExplanation": "guided",
+    "deconv_relu": "guided",
+    "guided_relu": "guided",
+    "normalize_gradients": "image",
+    "overlay": "image",
+    "MultiLayerGradCAM": "layerwise",
+    "explain_layers": "layerwise",
+    "plot_layers": "layerwise",
+    "layer_paths": "submodel",
+    "AnswerScore": "targets",
+    "CaptionLogProb": "targets",
+    "TopK": "targets",
+    "WordLogProb": "targets",
+}
 
 __all__ = [
     "AnswerScore",
@@ -80,3 +105,64 @@ __all__ = [
     "plot_fig1",
     "plot_layers",
 ]
+
+if TYPE_CHECKING:
+    from tf_gradcam.callback import GradCAMCallback
+    from tf_gradcam.dataset import DatasetSummary, ExplainedBatch, explain_dataset, iter_shards
+    from tf_gradcam.errors import (
+        BackendError,
+        GradCAMError,
+        InputError,
+        LayerNotFoundError,
+        NoGradientError,
+        NotSpatialError,
+        TargetError,
+        UnsupportedActivationError,
+        UnsupportedModelError,
+    )
+    from tf_gradcam.figures import plot_fig1
+    from tf_gradcam.gradcam import Explanation, GradCAM, explain
+    from tf_gradcam.guided import (
+        Deconvolution,
+        DeconvolutionGradCAM,
+        DeconvReLU,
+        GuidedBackprop,
+        GuidedGradCAM,
+        GuidedReLU,
+        PixelExplanation,
+        deconv_relu,
+        guided_relu,
+    )
+    from tf_gradcam.image import normalize_gradients, overlay
+    from tf_gradcam.layerwise import MultiLayerGradCAM, explain_layers, plot_layers
+    from tf_gradcam.submodel import layer_paths
+    from tf_gradcam.targets import AnswerScore, CaptionLogProb, TopK, WordLogProb
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public name's submodule on first access (PEP 562).
+
+    Args:
+        name: a name from `__all__`, or the name of a submodule such as `"gradcam"`.
+
+    Returns:
+        The object, cached in the package namespace so later lookups skip this hook.
+
+    Raises:
+        AttributeError: if `name` is neither a public name nor a submodule.
+    """
+    source = _SOURCES.get(name)
+    if source is not None:
+        if source != "errors":  # registers GuidedReLU/DeconvReLU for keras.saving
+            importlib.import_module(f"{__name__}.guided")
+        value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's attributes and its public names, loaded or not."""
+    return sorted({*globals(), *__all__})

@@ -1,26 +1,44 @@
 """The `tf-gradcam` command: `demo` and `explain`. The only module that touches image files.
 
-    tf-gradcam demo [--out DIR] [--count N]
-    tf-gradcam explain MODEL IMAGE... [--layer NAME] [--class INDEX] [--top-k K]
-                       [--method gradcam|counterfactual|guided_backprop|guided_gradcam] [--out DIR]
+    tf-gradcam demo [--out DIR] [--count N] [--seed S] [--verbose]
+    tf-gradcam explain MODEL IMAGE... [--layer NAME] [--class INDEX | --top-k K]
+                       [--method gradcam|counterfactual|guided_backprop|guided_gradcam]
+                       [--preprocess unit|raw|symmetric] [--labels FILE] [--out DIR]
+                       [--alpha A] [--trust-model] [--verbose]
 
 `explain` loads a `.keras` model with Keras' safe mode on (`--trust-model`
-turns it off, for models whose Lambda layers you trust), reads PNG/JPEG
-images, resizes them to the model's input, and writes colour overlays and the
-raw maps (`.npy`) into the output folder and nowhere else.
+turns it off, and is required for legacy `.h5`/`.hdf5` files, which safe mode
+cannot check), reads PNG/JPEG images, converts them to the model's channels
+(RGB or grayscale) and size, and writes colour overlays and the raw maps
+(`.npy`) into the output folder and nowhere else. `--labels` names the classes
+in the file names, the printed table and a caption on each PNG.
+
+The module imports TensorFlow only when a subcommand needs it, so `--help`
+answers at once, and hides TensorFlow's start-up log lines unless `--verbose`
+is given. A user error (a missing or unreadable file, an unknown layer, an
+out-of-range class...) prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+
+from tf_gradcam import __version__
+from tf_gradcam.errors import GradCAMError
 
 __all__ = ["main"]
 
@@ -29,36 +47,428 @@ _PREPROCESS = {
     "raw": (1.0, 0.0),  # [0, 255]
     "symmetric": (2.0 / 255.0, -1.0),  # [-1, 1]
 }
+_METHODS = ("gradcam", "counterfactual", "guided_backprop", "guided_gradcam")
+_HDF5_SUFFIXES = (".h5", ".hdf5")
+_PYTHON_LOGGERS = ("absl", "tensorflow")  # `tf.get_logger()` is the "tensorflow" logger
+_CAPTION_MIN_WIDTH = 256  # captioned pictures are enlarged to at least this width
+_CAPTION_FONT = "DejaVuSans.ttf"  # ships with Matplotlib; Latin, Greek, Cyrillic
 
 
-def _safe_stem(path: str, taken: set[str]) -> str:
-    """A file-name stem from an input path that cannot leave the output folder."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem).lstrip(".") or "image"
-    candidate, n = stem, 1
+class CommandError(Exception):
+    """A user error: `main` prints its message on one line and returns exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose usage errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ------------------------------------------------------------------ TensorFlow
+
+
+@contextmanager
+def _stderr_captured() -> Iterator[None]:
+    """Sends file descriptor 2 to a temporary file; replays its text only on an exception."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to protect
+        yield
+        return
+    failed = False
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode(errors="replace"))
+
+
+def _import_tensorflow(verbose: bool) -> None:
+    """Imports TensorFlow and Keras, without their log output unless `verbose`.
+
+    Without `verbose`: `TF_CPP_MIN_LOG_LEVEL` is set to 3 (no INFO, WARNING or ERROR
+    lines) unless the environment already sets it; the lines TensorFlow's native
+    libraries print while they load, which no log level controls (oneDNN, CUDA and
+    CPU-feature notices), are captured and shown only if the import fails; the Python
+    loggers of absl and TensorFlow drop everything below ERROR, and Keras/TensorFlow
+    warnings are ignored (`main` restores both on exit).
+
+    Args:
+        verbose: leave the environment, stderr and the loggers as they are.
+    """
+    if "tensorflow" not in sys.modules:
+        if not verbose:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        with nullcontext() if verbose else _stderr_captured():
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+    if not verbose:
+        for name in _PYTHON_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=r"(keras|tensorflow|absl)(\.|$)")
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` for the command: one line, `tf-gradcam: warning: ...`."""
+    print(f"tf-gradcam: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
+@contextmanager
+def _command_diagnostics() -> Iterator[None]:
+    """Warnings shown as one line each; logger levels and warning settings restored on exit."""
+    registry = logging.Logger.manager.loggerDict
+    levels = {
+        name: getattr(registry.get(name), "level", logging.NOTSET) for name in _PYTHON_LOGGERS
+    }
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                if name in registry:
+                    logging.getLogger(name).setLevel(level)
+
+
+# ------------------------------------------------------------------ reading inputs
+
+
+def _check_model_file(name: str, trust: bool) -> None:
+    """Checks a model file before TensorFlow is imported: exists, readable, right format.
+
+    Args:
+        name: the model path as given on the command line.
+        trust: whether `--trust-model` was given.
+
+    Raises:
+        CommandError: a missing, unreadable, corrupt or truncated file; a suffix other
+            than `.keras`, `.h5`, `.hdf5`; an HDF5 file without `trust`.
+    """
+    path = Path(name)
+    if path.is_dir():
+        raise CommandError(f"model {name!r} is a folder; give a .keras model file.")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise CommandError(f"cannot read model {name!r}: {error.strerror}.") from error
+    suffix = path.suffix.lower()
+    if suffix in _HDF5_SUFFIXES:
+        if not trust:
+            raise CommandError(
+                f"{name!r} is a legacy HDF5 model; Keras' safe mode cannot protect HDF5 files, "
+                "which can hold arbitrary code (Lambda layers). Pass --trust-model only if you "
+                "trust its source, or re-save it with model.save('model.keras')."
+            )
+        import h5py
+
+        if not h5py.is_hdf5(path):
+            raise CommandError(f"cannot load model {name!r}: not an HDF5 file (corrupt?).")
+    elif suffix == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise CommandError(
+                f"cannot load model {name!r}: not a .keras (zip) archive; the file is "
+                "corrupt or truncated."
+            )
+    else:
+        raise CommandError(
+            f"{name!r} is not a model file: expected a .keras file (or .h5/.hdf5 with "
+            "--trust-model)."
+        )
+
+
+def _load_model(name: str, trust: bool) -> Any:
+    """Loads a checked model file, uncompiled, with safe mode on unless `trust`.
+
+    Args:
+        name: the model path as given on the command line.
+        trust: whether `--trust-model` was given.
+
+    Returns:
+        The `keras.Model`.
+
+    Raises:
+        CommandError: if safe mode refuses the model or Keras cannot load it.
+    """
+    import keras
+
+    import tf_gradcam.guided  # noqa: F401  registers GuidedReLU/DeconvReLU for loading
+
+    try:
+        return keras.saving.load_model(name, compile=False, safe_mode=not trust)
+    except Exception as error:
+        text = str(error)
+        if "safe_mode" in text or "unsafe" in text.lower():
+            raise CommandError(
+                f"Keras safe mode refused {name!r}: it holds Python code such as a Lambda "
+                "layer. Pass --trust-model only if you trust where this model comes from."
+            ) from error
+        first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        raise CommandError(f"cannot load model {name!r}: {first_line[:300]}") from error
+
+
+def _read_labels(name: str) -> list[str]:
+    """Class names from a file: a JSON list of strings, or else one name per line.
+
+    Args:
+        name: the `--labels` path.
+
+    Returns:
+        The names, stripped of surrounding whitespace; trailing blank lines are ignored.
+
+    Raises:
+        CommandError: an unreadable file, a JSON list holding non-strings, no names,
+            or an empty line between names.
+    """
+    try:
+        text = Path(name).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise CommandError(f"cannot read labels file {name!r}: {reason}.") from error
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, list):
+        if not all(isinstance(item, str) for item in parsed):
+            raise CommandError(f"labels file {name!r}: the JSON list must hold strings only.")
+        labels = [item.strip() for item in parsed]
+    else:
+        labels = [line.strip() for line in text.splitlines()]
+        while labels and not labels[-1]:
+            labels.pop()
+    if not labels:
+        raise CommandError(f"labels file {name!r} names no classes.")
+    if "" in labels:
+        raise CommandError(
+            f"labels file {name!r}: class {labels.index('')} has an empty name (blank line?)."
+        )
+    return labels
+
+
+def _read_rgb(name: str) -> np.ndarray:
+    """Decodes an image file to RGB; a grayscale file's channel is repeated three times.
+
+    Args:
+        name: the image path.
+
+    Returns:
+        uint8 `(height, width, 3)` RGB array.
+
+    Raises:
+        CommandError: a missing or unreadable file, or one OpenCV cannot decode.
+    """
+    import cv2
+
+    try:
+        data = Path(name).read_bytes()
+    except OSError as error:
+        raise CommandError(f"cannot read image {name!r}: {error.strerror}.") from error
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise CommandError(f"cannot read image {name!r}: not a PNG/JPEG file (or corrupt).")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _model_inputs(
+    originals: Sequence[np.ndarray], size: tuple[int, int], channels: int, preprocess: str
+) -> np.ndarray:
+    """The model's float32 batch: images in its channels, resized (area) and scaled.
+
+    RGB becomes grayscale for a 1-channel model with OpenCV's `COLOR_RGB2GRAY`
+    (Y = 0.299 R + 0.587 G + 0.114 B) before resizing.
+
+    Args:
+        originals: uint8 RGB images of any size.
+        size: the model's `(height, width)`.
+        channels: the model's input channels, 1 or 3.
+        preprocess: a `_PREPROCESS` key.
+
+    Returns:
+        float32 `(batch, height, width, channels)` array.
+    """
+    import cv2
+
+    scale, shift = _PREPROCESS[preprocess]
+    batch = []
+    for rgb in originals:
+        pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if channels == 1 else rgb
+        resized = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        batch.append(resized.reshape(*size, channels).astype(np.float32) * scale + shift)
+    return np.stack(batch)
+
+
+def _image_geometry(model: Any) -> tuple[tuple[int, int], int]:
+    """The model's input `(height, width)` and channels (1 or 3).
+
+    Args:
+        model: the loaded `keras.Model`.
+
+    Raises:
+        CommandError: for models without one fixed-size 1- or 3-channel image input.
+    """
+    inputs = getattr(model, "inputs", None) or []
+    shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
+    if len(shape) != 4 or shape[1] is None or shape[2] is None:
+        described = [tuple(t.shape) for t in inputs] if inputs else "unknown"
+        raise CommandError(
+            "the CLI needs a model with one fixed-size image input; this model's inputs are "
+            f"{described}. Use the Python API for other models."
+        )
+    if shape[3] not in (1, 3):
+        raise CommandError(
+            f"the model's input has {shape[3]} channels; the CLI feeds RGB (3) or grayscale (1) "
+            "images. Use the Python API for other inputs."
+        )
+    return (int(shape[1]), int(shape[2])), int(shape[3])
+
+
+def _check_labels(labels: list[str], model: Any, name: str) -> None:
+    """Checks that there is one label per output of the model's `(batch, classes)` head.
+
+    Args:
+        labels: the class names read from `name`.
+        model: the loaded `keras.Model`.
+        name: the `--labels` path, for the message.
+
+    Raises:
+        CommandError: for other heads, or a count that differs from the model's.
+    """
+    outputs = getattr(model, "outputs", None) or []
+    shape = tuple(outputs[0].shape) if len(outputs) == 1 else ()
+    if len(shape) != 2:
+        raise CommandError(
+            f"--labels needs a model with one (batch, classes) output; this model's outputs "
+            f"are {[tuple(t.shape) for t in outputs]}."
+        )
+    if len(labels) != shape[1]:
+        raise CommandError(
+            f"labels file {name!r} names {len(labels)} classes but the model has "
+            f"{shape[1]} outputs."
+        )
+
+
+# ------------------------------------------------------------------ writing outputs
+
+
+def _safe_name(text: str) -> str:
+    """`text` as a plain file-name part: no separators, no leading dot."""
+    return re.sub(r"[^\w.-]", "_", text).lstrip(".")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """`name`, or `name_2`, `name_3`... if taken; records the result in `taken`."""
+    candidate, n = name, 1
     while candidate in taken:
         n += 1
-        candidate = f"{stem}_{n}"
+        candidate = f"{name}_{n}"
     taken.add(candidate)
     return candidate
 
 
+def _safe_stem(path: str, taken: set[str]) -> str:
+    """A file-name stem from an input path that cannot leave the output folder."""
+    return _unique(_safe_name(Path(path).stem) or "image", taken)
+
+
+def _output_folder(name: str) -> Path:
+    """Creates the output folder (and parents) if needed.
+
+    Raises:
+        CommandError: if it cannot be created (a file has its name, no permission...).
+    """
+    out = Path(name)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"output folder {name!r} is an existing file.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot create output folder {name!r}: {error.strerror}.") from error
+    return out
+
+
 def _write_png(path: Path, rgb: np.ndarray) -> None:
+    """Writes a uint8 RGB image as PNG; `CommandError` if the file cannot be written."""
     import cv2
 
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"Could not write {path}.")
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    try:
+        if not ok:
+            raise OSError(0, "PNG encoding failed")
+        path.write_bytes(encoded.tobytes())
+    except OSError as error:
+        raise CommandError(f"cannot write {str(path)!r}: {error.strerror}.") from error
 
 
-def _read_rgb(path: str) -> np.ndarray:
-    import cv2
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Saves an array as `.npy`; `CommandError` if the file cannot be written."""
+    try:
+        np.save(path, array)
+    except OSError as error:
+        raise CommandError(f"cannot write {str(path)!r}: {error.strerror}.") from error
 
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise SystemExit(f"tf-gradcam: cannot read image {path!r} (not a PNG/JPEG file?).")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+def _captioned(rgb: np.ndarray, label: str, score: float) -> np.ndarray:
+    """The picture above a black strip that reads "label: score" in white.
+
+    Pictures narrower than `_CAPTION_MIN_WIDTH` are first enlarged by the smallest
+    integer factor that reaches it, each pixel becoming a square block, so the
+    caption is legible on small model-sized images. A caption too long for the
+    width is set smaller, down to 11 px, and then the label is shortened with "…".
+
+    Args:
+        rgb: uint8 `(height, width, 3)` picture.
+        label: the class name, any Unicode.
+        score: the explained score.
+
+    Returns:
+        uint8 `(factor * height + strip, factor * width, 3)` picture.
+    """
+    from matplotlib import get_data_path
+    from PIL import Image, ImageDraw, ImageFont
+
+    factor = -(-_CAPTION_MIN_WIDTH // rgb.shape[1])  # ceil
+    big = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
+    width = big.shape[1]
+    size = max(14, width // 18)
+    font = ImageFont.truetype(str(Path(get_data_path()) / "fonts" / "ttf" / _CAPTION_FONT), size)
+    text = f"{label}: {score:.3g}"
+    if font.getlength(text) > width - size:
+        size = max(11, int(size * (width - size) / font.getlength(text)))
+        font = font.font_variant(size=size)
+    while font.getlength(text) > width - size and len(label) > 1:
+        label = label[:-1]
+        text = f"{label}…: {score:.3g}"
+    strip = Image.new("RGB", (width, round(size * 1.6)), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    draw.text((size // 2, round(size * 0.8)), text, fill=(255, 255, 255), font=font, anchor="lm")
+    return np.concatenate([big, np.asarray(strip)], axis=0)
+
+
+# ------------------------------------------------------------------ subcommands
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    """`tf-gradcam demo`: the shipped model on generated scenes; writes PNGs and maps."""
+    _import_tensorflow(args.verbose)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,20 +479,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     from tf_gradcam.metrics import pointing_game
     from tf_gradcam.scenes import make_scenes
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model = load_demo_model()
     scenes = make_scenes(args.count, seed=args.seed)
     cam = GradCAM(model, DEMO_LAYER_NAME)
     result = cam(scenes.images)
     overlays = overlay(scenes.images, result.heatmaps)
     hits = pointing_game(result.heatmaps, scenes.masks[:, 0])
-    written = []
+    out = _output_folder(args.out)
     for i in range(len(scenes)):
-        path = out / f"scene_{i:02d}_{DEMO_CLASS_NAMES[result.classes[i]]}.png"
-        _write_png(path, overlays[i])
-        written.append(path)
-    np.save(out / "maps.npy", result.maps)
+        _write_png(out / f"scene_{i:02d}_{DEMO_CLASS_NAMES[result.classes[i]]}.png", overlays[i])
+    _save_npy(out / "maps.npy", result.maps)
 
     columns = len(scenes)
     figure, axes = plt.subplots(2, columns, figsize=(2.0 * columns, 4.3))
@@ -107,80 +513,33 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"  layer: {result.layer}   predicted correctly: {accuracy:.0%}")
     print(f"  map maximum on the object (pointing game): {hits.mean():.0%}")
     print(f"  overview:  {grid.resolve()}")
-    print(f"  overlays:  {len(written)} PNGs in {out.resolve()}")
+    print(f"  overlays:  {len(scenes)} PNGs in {out.resolve()}")
     print(f"  raw maps:  {(out / 'maps.npy').resolve()}  shape {result.maps.shape}")
     return 0
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    import cv2
-    import keras
+    """`tf-gradcam explain`: one PNG and one `.npy` per image and explained class."""
+    _check_model_file(args.model, args.trust_model)
+    labels = _read_labels(args.labels) if args.labels else None
+    originals = [_read_rgb(name) for name in args.images]
+    _import_tensorflow(args.verbose)
+    from tf_gradcam import TopK
 
-    from tf_gradcam import TopK, overlay
-    from tf_gradcam.image import normalize_gradients
-
-    model_path = Path(args.model)
-    if model_path.suffix != ".keras":
-        raise SystemExit(
-            f"tf-gradcam: {args.model!r} is not a .keras file. Save the model with "
-            "model.save('model.keras'); legacy .h5 files are not loaded (their Lambda "
-            "layers bypass Keras' safe mode)."
-        )
-    try:
-        model = keras.saving.load_model(model_path, compile=False, safe_mode=not args.trust_model)
-    except ValueError as error:
-        if "safe_mode" in str(error) or "unsafe" in str(error).lower():
-            raise SystemExit(
-                f"tf-gradcam: Keras safe mode refused {args.model!r}: {error}\n"
-                "Pass --trust-model only if you trust where this model comes from."
-            ) from error
-        raise
-    shape = tuple(model.input_shape)
-    if len(shape) != 4 or shape[1] is None or shape[2] is None:
-        raise SystemExit(
-            f"tf-gradcam: the CLI needs a model with one fixed-size image input; this "
-            f"model's input shape is {shape}. Use the Python API for other models."
-        )
-    height, width, channels = shape[1], shape[2], shape[3]
-    scale, shift = _PREPROCESS[args.preprocess]
-    originals = [_read_rgb(p) for p in args.images]
-    batch = []
-    for rgb in originals:
-        resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
-        if channels == 1:
-            resized = cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)[..., None]
-        batch.append(resized.astype(np.float32) * scale + shift)
-    images = np.stack(batch)
+    model = _load_model(args.model, args.trust_model)
+    size, channels = _image_geometry(model)
+    if labels is not None:
+        _check_labels(labels, model, args.labels)
+    images = _model_inputs(originals, size, channels, args.preprocess)
     target = TopK(args.top_k) if args.top_k else args.class_index
     result, pixels = _explain_with_method(model, images, target, args)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    taken: set[str] = set()
-    method = args.method.replace("_", "-")
-    for i, (path, rgb) in enumerate(zip(args.images, originals, strict=True)):
-        stem = _safe_stem(path, taken)
-        classes = np.atleast_1d(result.classes[i])
-        heat = result.heatmaps[i].reshape(len(classes), height, width)
-        maps = result.maps[i].reshape(len(classes), *result.maps.shape[-2:])
-        for j, c in enumerate(classes):
-            name = f"{stem}_class{int(c)}_{method}" if args.top_k else f"{stem}_{method}"
-            if pixels is None:
-                big = cv2.resize(
-                    heat[j], (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR
-                )
-                _write_png(out / f"{name}.png", overlay(rgb, big, alpha=args.alpha))
-                np.save(out / f"{name}.npy", maps[j])
-            else:
-                grads = pixels[i].reshape(len(classes), height, width, -1)[j]
-                picture = normalize_gradients(grads[None])[0]
-                picture = np.repeat(picture, 3, axis=-1) if picture.shape[-1] == 1 else picture
-                _write_png(out / f"{name}.png", np.round(picture[..., :3] * 255).astype(np.uint8))
-                np.save(out / f"{name}.npy", grads)
-        scores = np.atleast_1d(result.scores[i])
-        label = ", ".join(f"{int(c)} (score {s:.3g})" for c, s in zip(classes, scores, strict=True))
-        print(f"{path}: class {label} -> {out / stem}*_{method}.png")
-    print(f"layer: {result.layer}; wrote {len(args.images)} image(s) into {out.resolve()}")
+    out = _output_folder(args.out)
+    rows = _write_explanations(out, args, originals, result, pixels, labels)
+    _print_table(rows, labels is not None)
+    print(
+        f"layer {result.layer}, method {args.method}: wrote {len(rows)} PNG + .npy pair(s) "
+        f"into {out.resolve()}"
+    )
     return 0
 
 
@@ -201,26 +560,155 @@ def _explain_with_method(
     return fused.cam, backprop.gradients
 
 
+def _write_explanations(
+    out: Path,
+    args: argparse.Namespace,
+    originals: Sequence[np.ndarray],
+    result: Any,
+    pixels: np.ndarray | None,
+    labels: list[str] | None,
+) -> list[tuple[str, int, str, float, str]]:
+    """Writes a PNG and a `.npy` per image and class.
+
+    Grad-CAM methods write the overlay on the original image and the layer-resolution
+    map; guided methods write the display-normalised and the raw pixel gradients.
+    With `labels`, file names carry the class name and each PNG a caption
+    "name: score".
+
+    Returns:
+        One row per file pair: (image path, class, class name or "", score, PNG name).
+    """
+    import cv2
+
+    from tf_gradcam import overlay
+    from tf_gradcam.image import normalize_gradients
+
+    method = args.method.replace("_", "-")
+    height, width = result.heatmaps.shape[-2:]
+    stems: set[str] = set()
+    names: set[str] = set()
+    rows = []
+    for i, (path, rgb) in enumerate(zip(args.images, originals, strict=True)):
+        stem = _safe_stem(path, stems)
+        classes = np.atleast_1d(result.classes[i])
+        scores = np.atleast_1d(result.scores[i])
+        heat = result.heatmaps[i].reshape(len(classes), height, width)
+        maps = result.maps[i].reshape(len(classes), *result.maps.shape[-2:])
+        for j, (c, score) in enumerate(zip(classes.tolist(), scores.tolist(), strict=True)):
+            label = labels[c] if labels is not None else ""
+            if labels is not None:
+                name = _unique(f"{stem}_{_safe_name(label) or c}_{method}", names)
+            elif args.top_k:
+                name = _unique(f"{stem}_class{c}_{method}", names)
+            else:
+                name = _unique(f"{stem}_{method}", names)
+            if pixels is None:
+                big = cv2.resize(
+                    heat[j], (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR
+                )
+                picture, array = overlay(rgb, big, alpha=args.alpha), maps[j]
+            else:
+                array = pixels[i].reshape(len(classes), height, width, -1)[j]
+                shown = normalize_gradients(array[None])[0]
+                shown = np.repeat(shown, 3, axis=-1) if shown.shape[-1] == 1 else shown[..., :3]
+                picture = np.round(shown * 255).astype(np.uint8)
+            if labels is not None:
+                picture = _captioned(picture, label, score)
+            _write_png(out / f"{name}.png", picture)
+            _save_npy(out / f"{name}.npy", array)
+            rows.append((path, int(c), label, float(score), f"{name}.png"))
+    return rows
+
+
+def _print_table(rows: list[tuple[str, int, str, float, str]], with_labels: bool) -> None:
+    """Prints one aligned line per written file: image, class, [name,] score, file."""
+    header = ("image", "class", "name", "score", "file")
+    cells = [(p, str(c), n, f"{s:.4g}", f) for p, c, n, s, f in rows]
+    keep = [k for k in range(5) if with_labels or k != 2]
+    widths = [max(len(header[k]), *(len(r[k]) for r in cells)) for k in range(5)]
+    right = {1, 3}  # numbers
+    for row in [header, *cells]:
+        parts = [row[k].rjust(widths[k]) if k in right else row[k].ljust(widths[k]) for k in keep]
+        print("  ".join(parts).rstrip())
+
+
+# ------------------------------------------------------------------ command line
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tf-gradcam", description="Grad-CAM explanations for Keras models."
+    """The `tf-gradcam` argument parser; each subcommand sets `run`."""
+    verbose_help = "show TensorFlow's log output (hidden by default)"
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="explain generated scenes with the shipped demo model")
-    demo.add_argument("--out", default="tf_gradcam_demo", help="output folder")
-    demo.add_argument("--count", type=int, default=6, help="number of scenes (default 6)")
-    demo.add_argument("--seed", type=int, default=2026, help="scene generator seed")
+    parser = _Parser(prog="tf-gradcam", description="Grad-CAM explanations for Keras models.")
+    parser.add_argument("--version", action="version", version=f"tf-gradcam {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain}")
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="explain generated scenes with the shipped demo model"
+    )
+    demo.add_argument("--out", metavar="DIR", default="tf_gradcam_demo", help="output folder")
+    demo.add_argument(
+        "--count", metavar="N", type=_positive_int, default=6, help="number of scenes (6)"
+    )
+    demo.add_argument("--seed", metavar="S", type=int, default=2026, help="scene generator seed")
     demo.set_defaults(run=_run_demo)
 
-    explain = sub.add_parser("explain", help="explain images with a saved .keras model")
-    explain.add_argument("model", help="path to a .keras model file")
-    explain.add_argument("images", nargs="+", help="PNG/JPEG image files")
-    explain.add_argument("--layer", default=None, help="layer name or 'outer/inner' path")
-    explain.add_argument(
-        "--class", dest="class_index", type=int, default=None, help="class index to explain"
+    explain = sub.add_parser(
+        "explain",
+        parents=[common],
+        help="explain images with a saved Keras model",
+        description="Explain PNG/JPEG images with a saved Keras model; writes a PNG and a "
+        ".npy per image and class into --out.",
     )
-    explain.add_argument("--top-k", type=int, default=0, help="explain the top-k classes")
-    explain.add_argument("--out", default="gradcam_out", help="output folder")
+    explain.add_argument(
+        "model",
+        help="a .keras model file (legacy .h5/.hdf5 files only with --trust-model)",
+    )
+    explain.add_argument("images", nargs="+", help="PNG/JPEG image files")
+    explain.add_argument(
+        "--layer", metavar="NAME", default=None, help="layer name or 'outer/inner' path"
+    )
+    which = explain.add_mutually_exclusive_group()
+    which.add_argument(
+        "--class",
+        dest="class_index",
+        metavar="INDEX",
+        type=int,
+        default=None,
+        help="class index to explain",
+    )
+    which.add_argument(
+        "--top-k",
+        metavar="K",
+        type=_positive_int,
+        default=0,
+        help="explain the k highest-scoring classes",
+    )
+    explain.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names: one per line, or a JSON list; used in file names, captions and "
+        "the printed table",
+    )
+    explain.add_argument("--out", metavar="DIR", default="gradcam_out", help="output folder")
     explain.add_argument(
         "--preprocess",
         choices=sorted(_PREPROCESS),
@@ -229,16 +717,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument(
         "--method",
-        choices=("gradcam", "counterfactual", "guided_backprop", "guided_gradcam"),
+        choices=_METHODS,
         default="gradcam",
         help="what to draw: Grad-CAM overlay (default), counterfactual Grad-CAM (§3.3), "
         "guided backprop or Guided Grad-CAM gradients (§3.2)",
     )
-    explain.add_argument("--alpha", type=float, default=0.4, help="overlay opacity")
+    explain.add_argument(
+        "--alpha", metavar="A", type=_unit_float, default=0.4, help="overlay opacity (0.4)"
+    )
     explain.add_argument(
         "--trust-model",
         action="store_true",
-        help="load with Keras safe mode off (only for models from a trusted source)",
+        help="load with Keras safe mode off, for models from a trusted source only; required "
+        "for legacy .h5/.hdf5 files, which safe mode cannot protect (they can hold arbitrary "
+        "code in Lambda layers)",
     )
     explain.set_defaults(run=_run_explain)
     return parser
@@ -251,24 +743,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: command-line arguments without the program name (default `sys.argv[1:]`).
 
     Returns:
-        The process exit status (0 on success).
+        The process exit status: 0 on success, 2 on a user error (after one line on
+        stderr), 130 when interrupted.
 
     Raises:
-        SystemExit: on bad arguments or unreadable files, with a message.
+        SystemExit: from argparse, for `--help`, `--version` (status 0) and usage
+            errors (status 2, one line on stderr).
 
     Example:
         >>> main(["demo", "--out", "/tmp/demo"])
         0
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _parser().parse_args(argv)
-    from tf_gradcam.errors import GradCAMError
-
     try:
-        return args.run(args)
-    except GradCAMError as error:
-        print(f"tf-gradcam: {error}", file=sys.stderr)
+        with _command_diagnostics():
+            return args.run(args)
+    except (CommandError, GradCAMError) as error:
+        print(f"tf-gradcam: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tf-gradcam: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

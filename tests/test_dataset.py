@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import gc
+import io
+import json
 import os
+import platform
+import signal
+import socket
 import subprocess
 import sys
-import textwrap
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +21,18 @@ import tensorflow as tf
 from conftest import make_cnn
 
 from tf_gradcam import GradCAM, InputError, TargetError, TopK
-from tf_gradcam.dataset import explain_dataset, iter_shards
+from tf_gradcam.dataset import (
+    _ShardWriter,
+    _worker_count,
+    _worker_index,
+    explain_dataset,
+    iter_shards,
+)
 from tf_gradcam.metrics import pointing_accuracy, pointing_game
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "dataset_workers"
+FIELDS = ("heatmaps", "maps", "scores", "classes", "degenerate")
 
 
 @pytest.fixture
@@ -33,10 +46,48 @@ def _direct(cam: GradCAM, images: np.ndarray, labels: np.ndarray, batch: int) ->
     """GradCAM called batch by batch on the same batches, results concatenated."""
     starts = range(0, len(images), batch)
     parts = [cam(images[i : i + batch], labels[i : i + batch]) for i in starts]
-    return {
-        name: np.concatenate([getattr(p, name) for p in parts])
-        for name in ("heatmaps", "maps", "scores", "classes", "degenerate")
-    }
+    return {name: np.concatenate([getattr(p, name) for p in parts]) for name in FIELDS}
+
+
+def _assert_equal_maps(got: dict, expected: dict) -> None:
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _python(script: str, *args: str, **env: str) -> subprocess.Popen:
+    """Start a helper script of tests/dataset_workers in a fresh interpreter."""
+    environ = dict(os.environ, PYTHONPATH=str(ROOT), KERAS_BACKEND="tensorflow", **env)
+    return subprocess.Popen(
+        [sys.executable, str(WORKERS / script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    )
+
+
+def _finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
+    """Wait for every process at most `timeout` seconds in all; kill them all past it."""
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append((process.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        tails = [process.communicate()[1][-2000:] for process in processes]
+        pytest.fail(f"helper processes ran past {timeout} s and were killed: {tails}")
+    return results
+
+
+def _save_model_and_data(tmp_path: Path, n: int, seed: int) -> tuple:
+    model = make_cnn()
+    model.save(tmp_path / "model.keras")
+    rng = np.random.default_rng(seed)
+    images, labels = rng.random((n, 16, 16, 3), dtype=np.float32), np.arange(n) % 3
+    np.savez(tmp_path / "data.npz", images=images, labels=labels)
+    return model, images, labels
 
 
 def test_shards_equal_direct_gradcam(data, tmp_path):
@@ -154,54 +205,404 @@ def test_bad_arguments_are_refused(data, tmp_path):
     assert len(list(tmp_path.glob("*.npz"))) == len(summary.shards) == 1
 
 
-_MIRRORED_SCRIPT = """
-import os
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import numpy as np
-import tensorflow as tf
+# ------------------------------------------------------------------ labels and input checks
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-import keras
-from tf_gradcam import TopK
-from tf_gradcam.dataset import explain_dataset, iter_shards
+def test_one_hot_and_whole_float_labels_equal_integer_labels(data):
+    """One-hot rows (float or int), whole-number floats and lists explain the labelled class."""
+    images, labels = data
+    cam = GradCAM(make_cnn())
+    expected = _direct(cam, images, labels, 4)
+    forms = {
+        "one-hot float32": np.eye(3, dtype=np.float32)[labels],
+        "one-hot int64": np.eye(3, dtype=np.int64)[labels],
+        "column (batch, 1)": labels[:, None],
+        "whole float64": labels.astype(np.float64),
+        "list": labels.tolist(),
+    }
+    for name, given in forms.items():
+        for source in ((images, given), tf.data.Dataset.from_tensor_slices((images, given))):
+            if isinstance(given, list) and isinstance(source, tf.data.Dataset):
+                continue
+            got = []
+            explain_dataset(cam, source, "labels", batch_size=4, verbose=0, on_batch=got.append)
+            streamed = {f: np.concatenate([getattr(b.explanation, f) for b in got]) for f in FIELDS}
+            np.testing.assert_array_equal(streamed["classes"], labels, err_msg=name)
+            _assert_equal_maps(streamed, expected)
 
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-assert strategy.num_replicas_in_sync == 2
-keras.utils.set_random_seed(0)
-with strategy.scope():
-    inputs = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(6, 3, activation="relu")(inputs)
-    x = keras.layers.Conv2D(5, 3, activation="relu", name="last_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
-rng = np.random.default_rng(0)
-images, labels = rng.random((9, 16, 16, 3), dtype=np.float32), np.arange(9) % 3
-out = {out!r}
-for i, target in enumerate(["labels", TopK(2)]):
-    runs = {{}}
-    for name, strat in (("plain", None), ("mirrored", strategy)):
-        folder = os.path.join(out, f"{{name}}{{i}}")
-        # 9 images in global batches of 4: the last batch leaves one replica empty
-        explain_dataset(model, tf.data.Dataset.from_tensor_slices((images, labels)), target,
-                        batch_size=4, strategy=strat, output_dir=folder, verbose=0)
-        runs[name] = list(iter_shards(folder))
-    assert len(runs["plain"]) == len(runs["mirrored"]) == 3
-    for a, b in zip(runs["plain"], runs["mirrored"]):
-        assert sorted(a) == sorted(b)
-        for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
-print("OK")
-"""
+
+@pytest.mark.parametrize(
+    ("labels", "error", "words"),
+    [
+        (np.full((10, 3), 1 / 3, np.float32), TargetError, "must be one-hot rows"),
+        (np.eye(3)[np.arange(10) % 3] * 0.8 + 0.1 / 3, TargetError, "labels.argmax(-1)"),
+        (np.full(10, 1.5), TargetError, "whole class numbers"),
+        (np.full(10, np.nan, np.float32), TargetError, "whole class numbers"),
+        (np.eye(4, dtype=np.float32)[np.arange(10) % 3], TargetError, "one column per class"),
+        (np.full(10, 3), TargetError, "Label 3 is out of range"),
+        (np.full(10, -1), TargetError, "Label -1 is out of range"),
+        (np.array(["cat"] * 10), TargetError, "StringLookup"),
+        (np.arange(10) % 2 == 0, TargetError, "dtype bool"),
+        (np.zeros((10, 1, 3), np.float32), TargetError, "shape (10, 1, 3)"),
+    ],
+    ids=[
+        "uniform-rows",
+        "smoothed-rows",
+        "fractional",
+        "nan",
+        "wrong-width",
+        "too-large",
+        "negative",
+        "strings",
+        "bool",
+        "rank-3",
+    ],
+)
+def test_bad_labels_are_refused(data, tmp_path, labels, error, words):
+    """Labels that are neither class indices nor one-hot rows: a typed error, nothing written."""
+    images, _ = data
+    with pytest.raises(error, match="labels") as raised:
+        explain_dataset(
+            make_cnn(), (images, labels), "labels", batch_size=4, output_dir=tmp_path, verbose=0
+        )
+    assert words in str(raised.value)
+    assert "Received: labels of dtype" in str(raised.value) or "row" in str(raised.value)
+    assert list(iter_shards(tmp_path)) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda x: x[..., 0], "images[..., None]"),
+        (lambda x: tf.data.Dataset.from_tensor_slices(x[..., 0]), "image[..., None]"),
+        (lambda x: tf.data.Dataset.from_tensor_slices(x[..., 0]).batch(4), "image[..., None]"),
+        (lambda x: x[:, None], "Remove the extra axes"),
+        (lambda x: tf.data.Dataset.from_tensor_slices(x[:, None]).batch(2), "extra axes"),
+        (lambda x: x[..., :2], "expects 3 channels"),
+        (lambda x: tf.data.Dataset.from_tensor_slices(x[:, :8]), "Resize the images"),
+    ],
+    ids=[
+        "gray-arrays",
+        "gray-dataset",
+        "gray-batched-dataset",
+        "5d-arrays",
+        "5d-dataset",
+        "channels",
+        "size",
+    ],
+)
+def test_images_that_do_not_fit_the_model_are_refused(data, make, words):
+    """Grayscale without a channel axis, 5-D stacks, wrong channels or size: InputError up front."""
+    images, _ = data
+    with pytest.raises(InputError, match="Received: ") as raised:
+        explain_dataset(make_cnn(), make(images), batch_size=4, verbose=0)
+    assert words in str(raised.value)
+    assert "(None, 16, 16, 3)" in str(raised.value)  # the model's input shape is named
+
+
+def test_images_of_unknown_rank_are_refused(data):
+    """Images without a static rank (e.g. parsed from records): InputError naming ensure_shape."""
+    images, labels = data
+    unknown = tf.data.Dataset.from_generator(
+        lambda: iter(zip(images, labels, strict=True)),
+        output_signature=(tf.TensorSpec(None, tf.float32), tf.TensorSpec((), tf.int64)),
+    )
+    with pytest.raises(InputError, match="unknown rank") as raised:
+        explain_dataset(make_cnn(), unknown, "labels", verbose=0)
+    assert "tf.ensure_shape(image, (16, 16, 3))" in str(raised.value)
+
+
+def test_labels_of_the_wrong_length_are_refused(data, tmp_path):
+    """Fewer or more labels (or extras) than images: InputError before anything is written."""
+    images, labels = data
+    model = make_cnn()
+    cases = {
+        "short": ((images, labels[:7]), "10 images but 7 labels"),
+        "long": ((images, np.arange(12) % 3), "10 images but 12 labels"),
+        "extras": ((images, labels, labels[:3]), "10 images but 3 extras"),
+    }
+    for name, (source, words) in cases.items():
+        for target in ("labels", None):  # wrong even when the labels are only stored
+            with pytest.raises(InputError, match="one per image") as raised:
+                explain_dataset(model, source, target, output_dir=tmp_path, verbose=0)
+            assert words in str(raised.value), name
+            assert list(iter_shards(tmp_path)) == [], name
+    zipped = tf.data.Dataset.zip(
+        (
+            tf.data.Dataset.from_tensor_slices(images).batch(4),
+            tf.data.Dataset.from_tensor_slices(labels).batch(3),
+        )
+    )
+    with pytest.raises(InputError, match="Batch 0 of `data` has 4 images but 3 labels"):
+        explain_dataset(model, zipped, "labels", output_dir=tmp_path, verbose=0)
+
+
+def test_an_empty_batch_of_a_batched_dataset_is_skipped(data, tmp_path):
+    """A batched dataset may hold an empty batch: it yields no shard and no callback."""
+    images, labels = data
+    parts = [(images[:4], labels[:4]), (images[4:4], labels[4:4]), (images[4:], labels[4:])]
+    source = tf.data.Dataset.from_tensors(parts[0])
+    for part in parts[1:]:
+        source = source.concatenate(tf.data.Dataset.from_tensors(part))
+    cam = GradCAM(make_cnn())
+    seen = []
+    summary = explain_dataset(
+        cam, source, "labels", output_dir=tmp_path, verbose=0, on_batch=seen.append
+    )
+    assert (summary.images, summary.batches) == (10, 2)
+    assert [len(b.positions) for b in seen] == [4, 6]
+    shards = list(iter_shards(tmp_path))
+    np.testing.assert_array_equal(np.concatenate([s["index"] for s in shards]), np.arange(10))
+    expected = {
+        f: np.concatenate(
+            [getattr(cam(images[s], labels[s]), f) for s in (slice(0, 4), slice(4, 10))]
+        )
+        for f in FIELDS
+    }
+    _assert_equal_maps({f: np.concatenate([s[f] for s in shards]) for f in FIELDS}, expected)
+
+
+# ------------------------------------------------------------------ shard files
+
+
+def test_overwrite_deletes_only_the_library_shards(data, tmp_path):
+    """Only gradcam-NNN-NNNNNN.npz are shards: other files are never read, blocking or deleted."""
+    images, labels = data
+    model = make_cnn()
+    mine = {
+        "gradcam-summary.npz": {"mean": np.ones(3)},
+        "gradcam-1-2.npz": {"x": np.zeros(1)},
+        "gradcam-000-000001.npz.bak": {"x": np.zeros(1)},
+        "notes-gradcam-000-000001.npz": {"x": np.zeros(1)},
+    }
+    for name, arrays in mine.items():
+        with open(tmp_path / name, "wb") as file:
+            np.savez(file, **arrays)
+    summary = explain_dataset(model, (images, labels), batch_size=4, output_dir=tmp_path, verbose=0)
+    assert len(list(iter_shards(tmp_path))) == len(summary.shards) == 3  # the user's are not shards
+    with pytest.raises(ValueError, match="overwrite=True"):
+        explain_dataset(model, images, output_dir=tmp_path, verbose=0)
+    summary = explain_dataset(
+        model, (images, labels), batch_size=5, output_dir=tmp_path, overwrite=True, verbose=0
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*mine, "gradcam-000-000000.npz", "gradcam-000-000001.npz"]
+    )
+    with np.load(tmp_path / "gradcam-summary.npz") as kept:
+        np.testing.assert_array_equal(kept["mean"], np.ones(3))
+    shards = list(iter_shards(tmp_path))
+    np.testing.assert_array_equal(np.concatenate([s["index"] for s in shards]), np.arange(10))
+
+
+def test_multi_worker_numbering_and_overwrite_of_own_shards_only(tmp_path):
+    """With a chief, workers are numbered after it; a worker deletes only its own old shards."""
+    spec = tf.train.ClusterSpec({"chief": ["a:1"], "worker": ["b:1", "c:1"]})
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver
+    places = {
+        (kind, task): _worker_index(
+            SimpleNamespace(cluster_resolver=resolver(spec, task_type=kind, task_id=task))
+        )
+        for kind, task in (("chief", 0), ("worker", 0), ("worker", 1))
+    }
+    assert places == {("chief", 0): 0, ("worker", 0): 1, ("worker", 1): 2}
+    assert _worker_count(SimpleNamespace(cluster_resolver=resolver(spec, "worker", 1))) == 3
+    assert (_worker_index(None), _worker_count(None)) == (0, 1)
+    for name in ("gradcam-000-000000.npz", "gradcam-001-000000.npz", "gradcam-001-000001.npz"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / f".gradcam-001-000002.npz.{os.getpid()}.tmp").write_bytes(b"")
+    with pytest.raises(ValueError, match="2 shard"):  # worker 1's own two, not worker 0's
+        _ShardWriter(tmp_path, 1, FIELDS, overwrite=False, own_only=True)
+    _ShardWriter(tmp_path, 1, FIELDS, overwrite=True, own_only=True).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gradcam-000-000000.npz"]
+
+
+def _savez_failing_at(call: int, error: type[BaseException]):
+    """np.savez that writes half of the `call`-th file (1-based), then raises `error`."""
+    real = np.savez
+    calls = []
+
+    def savez(file, *args, **kwds):
+        calls.append(file)
+        if len(calls) != call:
+            return real(file, *args, **kwds)
+        buffer = io.BytesIO()
+        real(buffer, *args, **kwds)
+        handle = file if hasattr(file, "write") else open(file, "wb")
+        handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        handle.flush()
+        raise error("No space left on device")
+
+    return savez
+
+
+def test_a_failed_write_leaves_only_complete_shards(data, tmp_path, monkeypatch):
+    """A shard that fails half-way is never visible to iter_shards; the error reaches the caller."""
+    images, labels = data
+    cam = GradCAM(make_cnn())
+    monkeypatch.setattr(np, "savez", _savez_failing_at(2, OSError))
+    with pytest.raises(OSError, match="No space left"):
+        explain_dataset(
+            cam, (images, labels), "labels", batch_size=4, output_dir=tmp_path, verbose=0
+        )
+    monkeypatch.undo()
+    # batch 1 failed; batch 2 was already queued and completed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gradcam-000-000000.npz",
+        "gradcam-000-000002.npz",
+    ]
+    shards = list(iter_shards(tmp_path))
+    index = np.concatenate([s["index"] for s in shards])
+    np.testing.assert_array_equal(index, [0, 1, 2, 3, 8, 9])
+    expected = _direct(cam, images[index], labels[index], 4)
+    _assert_equal_maps({f: np.concatenate([s[f] for s in shards]) for f in FIELDS}, expected)
+
+
+def test_a_process_killed_mid_shard_leaves_only_complete_shards(tmp_path):
+    """SIGKILL half-way through the second shard: only the first is read back, and it is whole."""
+    if not hasattr(signal, "SIGKILL"):
+        pytest.skip("needs POSIX signals")
+    model, images, labels = _save_model_and_data(tmp_path, 10, seed=11)
+    out = tmp_path / "shards"
+    [(code, stdout, stderr)] = _finish(
+        [
+            _python(
+                "kill_mid_shard.py",
+                str(tmp_path / "model.keras"),
+                str(tmp_path / "data.npz"),
+                str(out),
+            )
+        ],
+        timeout=120,
+    )
+    assert code == -signal.SIGKILL, (code, stdout, stderr[-3000:])
+    names = sorted(p.name for p in out.iterdir())
+    # the half-written shard exists, under its temporary name only
+    assert names[0].startswith(".gradcam-000-000001.npz.") and names[0].endswith(".tmp"), names
+    assert names[1:] == ["gradcam-000-000000.npz"], names
+    [shard] = list(iter_shards(out))
+    np.testing.assert_array_equal(shard["index"], np.arange(4))
+    _assert_equal_maps(shard, _direct(GradCAM(model), images[:4], labels[:4], 4))
+
+
+# ------------------------------------------------------------------ tf.distribute
+
+
+def test_onednn_empty_batch_conv_bug_is_still_there(record_property):
+    """Pin of the TensorFlow/oneDNN bug that the replica padding of explain_dataset works around.
+
+    oneDNN's Conv2D/DepthwiseConv2D of an empty batch return a tensor shaped like
+    their input. When TensorFlow returns the right (0, 14, 14, 6), this test fails
+    so that the workaround and its known-issues entry are removed.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the oneDNN CPU kernels in question are x86 ones")
+    [(code, stdout, stderr)] = _finish(
+        [_python("onednn_empty_conv.py", TF_ENABLE_ONEDNN_OPTS="1")], timeout=120
+    )
+    assert code == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    if report["onednn"] is False:
+        pytest.skip(f"TensorFlow {report['tensorflow']} is built without oneDNN")
+    shapes = report["shapes"]
+    buggy = [name for name, shape in shapes.items() if shape == [0, 16, 16, 3]]
+    state = f"TensorFlow {report['tensorflow']}: empty-batch oneDNN convolutions {shapes}"
+    record_property("onednn_empty_batch_conv", "buggy" if buggy else "fixed")
+    print(state)
+    if all(shape == [0, 14, 14, 6] for shape in shapes.values()):
+        pytest.fail(
+            "TensorFlow fixed the empty-batch oneDNN conv bug: remove the padding in "
+            f"dataset.py and docs/known-issues.md entry. {state}"
+        )
+    assert buggy, f"unexpected shapes, neither the bug nor the fix: {state}"
 
 
 def test_mirrored_strategy_gives_the_same_maps(tmp_path):
-    """MirroredStrategy on two logical CPUs writes the same shards as no strategy."""
-    script = tmp_path / "mirrored.py"
-    script.write_text(textwrap.dedent(_MIRRORED_SCRIPT.format(out=str(tmp_path))))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), KERAS_BACKEND="tensorflow")
-    run = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
+    """MirroredStrategy on two logical CPUs, 1, 5, 8 and 9 images: maps equal GradCAM's.
+
+    In global batches of 4, the last batch of 1, 5 and 9 images leaves one of the
+    two replicas empty (checked, so the case stays covered); under TensorFlow's
+    default oneDNN kernels that failed before the replicas were padded.
+    """
+    [(code, stdout, stderr)] = _finish([_python("mirrored.py", str(tmp_path))], timeout=240)
+    assert code == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["splits"] == {"1": [1, 0], "5": [1, 0], "8": [2, 2], "9": [1, 0]}
+    assert report["failures"] == [], "\n".join(report["failures"])
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("localhost", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_multi_worker_shards_hold_every_image_once(tmp_path):
+    """Two MultiWorkerMirroredStrategy workers: the union of their shards is the data set.
+
+    Nine images in global batches of 4 over two workers: worker 0 gets images
+    0-1, 4-5, 8 and worker 1 gets 2-3, 6-7 and an empty last share. Every image
+    appears exactly once, at its global position in `index`, with GradCAM's maps,
+    whether the data are a dataset, arrays or two TFRecord files whose dataset
+    asks for `AutoShardPolicy.FILE` (a split by file, whose global positions no
+    worker would know); stale shards of an earlier run are replaced
+    (`overwrite=True`).
+    """
+    model, images, labels = _save_model_and_data(tmp_path, 9, seed=7)
+    records = [str(tmp_path / f"data-{i}.tfrecord") for i in (0, 1)]
+    for path, part in zip(records, (slice(0, 5), slice(5, 9)), strict=True):
+        with tf.io.TFRecordWriter(path) as writer:
+            for image, label in zip(images[part], labels[part], strict=True):
+                feature = {
+                    "image": tf.train.Feature(
+                        bytes_list=tf.train.BytesList(value=[tf.io.serialize_tensor(image).numpy()])
+                    ),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                }
+                example = tf.train.Example(features=tf.train.Features(feature=feature))
+                writer.write(example.SerializeToString())
+    out = tmp_path / "out"
+    for run in ("dataset", "arrays", "files"):  # shards of an earlier run, of both workers
+        (out / run).mkdir(parents=True)
+        for worker in (0, 1):
+            np.savez(out / run / f"gradcam-{worker:03d}-000007.npz", index=np.arange(3))
+    config = {
+        "ports": _free_ports(2),
+        "model": str(tmp_path / "model.keras"),
+        "data": str(tmp_path / "data.npz"),
+        "records": records,
+        "out": str(out),
+        "batch_size": 4,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    workers = [_python("multi_worker.py", str(tmp_path / "config.json"), str(i)) for i in (0, 1)]
+    results = _finish(workers, timeout=150)
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    reports = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in results]
+    assert [r["replicas"] for r in reports] == [2, 2]
+    expected = GradCAM(model)(images, labels)
+    one_hot = np.eye(3, dtype=np.float32)[labels]
+    for run, stored_labels in (("dataset", labels), ("arrays", one_hot), ("files", labels)):
+        assert [r[run] for r in reports] == [
+            {"images": 5, "batches": 3},
+            {"images": 4, "batches": 2},
+        ]
+        names = sorted(p.name for p in (out / run).iterdir())
+        assert names == [f"gradcam-000-00000{i}.npz" for i in range(3)] + [
+            f"gradcam-001-00000{i}.npz" for i in range(2)
+        ]
+        shards = list(iter_shards(out / run))
+        union = {name: np.concatenate([s[name] for s in shards]) for name in shards[0]}
+        np.testing.assert_array_equal(union["index"], [0, 1, 4, 5, 8, 2, 3, 6, 7])
+        order = np.argsort(union["index"])
+        np.testing.assert_array_equal(union["index"][order], np.arange(9))  # each image once
+        np.testing.assert_array_equal(union["labels"][order], stored_labels)
+        _assert_equal_maps(
+            {name: value[order] for name, value in union.items()},
+            {name: getattr(expected, name) for name in FIELDS},
+        )

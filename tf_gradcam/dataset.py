@@ -11,15 +11,21 @@ the data set can be far larger than memory.
 Under a `tf.distribute` strategy each global batch is split across the
 replicas (`strategy.run`) and the replicas' maps are put back together in
 order. The same code runs under `MultiWorkerMirroredStrategy`: every worker
-explains its own shard of the data and writes its own files, named after its
-task id.
+explains its own share of the data and writes its own files, named after its
+place in the cluster; each image keeps its position in the whole data set
+(the shards' `index`), so the union of every worker's shards is the data set.
+
+Shards are written atomically (a temporary name, flushed and synced, then
+renamed), so a worker that dies mid-run leaves only complete shards behind.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,8 +46,11 @@ __all__ = ["DatasetSummary", "ExplainedBatch", "explain_dataset", "iter_shards"]
 #: The `Explanation` fields that can be saved to shards.
 FIELDS = ("heatmaps", "maps", "raw_maps", "weights", "scores", "classes", "degenerate")
 _DEFAULT_FIELDS = ("heatmaps", "maps", "scores", "classes", "degenerate")
-_SHARD_GLOB = "gradcam-*.npz"
 _LABELS = "labels"
+# The only names this module writes, reads back or deletes: gradcam-<worker>-<batch>.npz,
+# and, while a shard is being written, .gradcam-<worker>-<batch>.npz.<pid>.tmp.
+_SHARD_NAME = re.compile(r"gradcam-(\d{3,})-(\d{6,})\.npz")
+_TEMP_NAME = re.compile(r"\.gradcam-(\d{3,})-(\d{6,})\.npz\.\d+\.tmp")
 
 
 @dataclass(frozen=True)
@@ -49,14 +58,17 @@ class ExplainedBatch:
     """One batch of a data set with its Grad-CAM explanation, as passed to `on_batch`.
 
     Attributes:
-        index: batch number, from 0.
-        offset: position of the batch's first image in the (this worker's) data.
+        index: batch number (of this worker), from 0.
+        offset: position of the batch's first image in this worker's share of
+            the data (the whole data without a multi-worker strategy).
         images: the batch's images as NumPy, `(batch, height, width, channels)`
             (a dict of arrays for multi-input models).
         labels: the labels that came with the images, as NumPy, or `None`.
         extras: anything else the data carried per image (the third element of
             `(images, labels, extras)`, e.g. ground-truth masks), as NumPy, or `None`.
         explanation: the batch's `Explanation`, NumPy arrays.
+        positions: `(batch,)` int64, each image's position in the whole data
+            set, across every worker (the shards' `index`).
     """
 
     index: int
@@ -65,6 +77,7 @@ class ExplainedBatch:
     labels: Any
     extras: Any
     explanation: Explanation
+    positions: Any = None
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,8 @@ class DatasetSummary:
     """What `explain_dataset` returns: counts and file names, never the maps.
 
     Attributes:
-        images: number of images explained.
-        batches: number of batches.
+        images: number of images explained (by this worker).
+        batches: number of batches handed on (written and/or passed to `on_batch`).
         shards: paths of the `.npz` shards written, in order (empty without
             `output_dir`).
         seconds: wall time of the whole run.
@@ -116,21 +129,26 @@ def explain_dataset(
             memory work.
         target: what to explain, as in `GradCAM.__call__`: `None` (predicted
             class), an int, `TopK(k)`, a callable, or `"labels"`: each image's
-            label, given as a class index or a one-hot row (argmax).
+            label, given as a class index (an integer, or a float holding a
+            whole number) or a one-hot row (one 1, the rest 0).
         layer: the layer to explain (name, path, `Layer` or `None`).
         batch_size: images per batch for unbatched data and arrays; under a
-            strategy, the *global* batch, split across the replicas.
+            strategy, the *global* batch, split across the replicas (of every
+            worker).
         output_dir: folder for the shards `gradcam-<worker>-<batch>.npz`, one per
             batch, each with the chosen `fields`, `index` (each image's position
-            in the data) and `labels` when the data has labels. Created if
-            missing. `None` writes nothing.
+            in the whole data set, across workers) and `labels` when the data
+            has labels. Created if missing. `None` writes nothing. Each shard is
+            written under a temporary name and renamed when complete.
         on_batch: called with an `ExplainedBatch` after each batch, e.g. to
             accumulate a metric; it should not keep the arrays if memory matters.
         fields: the `Explanation` fields written to the shards.
         strategy: a `tf.distribute.Strategy` to run the replicas of; `None` runs
             on the default device.
         steps: stop after this many batches (needed for an infinite dataset).
-        overwrite: delete earlier shards found in `output_dir` instead of failing.
+        overwrite: delete the shards of an earlier run found in `output_dir`
+            (only files named `gradcam-<worker>-<batch>.npz`, and under a
+            multi-worker strategy only this worker's) instead of failing.
         verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
         **options: keyword options of `GradCAM` (with a model).
 
@@ -138,10 +156,11 @@ def explain_dataset(
         A `DatasetSummary` (counts, shard paths, wall time), never the maps.
 
     Raises:
-        InputError: the data is neither a dataset nor arrays, or its images
-            do not fit the model.
-        TargetError: `target="labels"` without labels, or labels that are
-            not class indices or one-hot rows.
+        InputError: the data is neither a dataset nor arrays, its images do
+            not fit the model (rank, size, channels), or it has a different
+            number of labels (or extras) than images.
+        TargetError: `target="labels"` without labels, or labels that are not
+            class indices or one-hot rows, or classes out of the model's range.
         ValueError: an unknown field, `batch_size < 1`, or earlier shards in
             `output_dir` without `overwrite=True`.
 
@@ -159,44 +178,62 @@ def explain_dataset(
     _check_target(target)
     if isinstance(data, list):  # a list of images
         data = np.asarray(data)
-    _check_data(data)
+    if isinstance(data, tuple) and len(data) > 1 and isinstance(data[1], list):
+        data = (data[0], np.asarray(data[1]), *data[2:])  # a list of labels
+    _check_data(cam, data, target)
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(
             f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}."
         )
-    worker = _worker_index(strategy)
-    writer = _ShardWriter(output_dir, worker, fields, overwrite) if output_dir is not None else None
+    worker, workers = _worker_index(strategy), _worker_count(strategy)
+    writer = (
+        _ShardWriter(output_dir, worker, fields, overwrite, own_only=workers > 1)
+        if output_dir is not None
+        else None
+    )
     total = _cardinality(cam, data, batch_size, steps)
     progbar = keras.utils.Progbar(total, unit_name="batch") if verbose else None
     if strategy is None:
         batches = _local_batches(cam, data, target, batch_size)
     else:
         batches = _distributed_batches(cam, data, target, batch_size, strategy)
-    offset = count = 0
+    offset = handed = 0
     try:
-        for count, (images, labels, extras, explanation) in enumerate(batches, start=1):
-            batch = ExplainedBatch(count - 1, offset, images, labels, extras, explanation)
-            offset += len(explanation.scores)
-            if writer is not None:
-                writer.write(batch)
-            if on_batch is not None:
-                on_batch(batch)
-            del batch, images, labels, extras, explanation  # hold nothing between batches
+        for step, (positions, images, labels, extras, explanation) in enumerate(batches, 1):
+            if len(positions):  # a worker's share of the last global batch may be empty
+                batch = ExplainedBatch(
+                    handed, offset, images, labels, extras, explanation, positions
+                )
+                handed += 1
+                offset += len(positions)
+                if writer is not None:
+                    writer.write(batch)
+                if on_batch is not None:
+                    on_batch(batch)
+                del batch
+            del positions, images, labels, extras, explanation  # hold nothing between batches
             if progbar is not None:
-                progbar.update(count)
-            if steps is not None and count >= steps:
+                progbar.update(step)
+            if steps is not None and step >= steps:
                 break
     finally:
         batches.close()
         shards = writer.close() if writer is not None else ()
-    return DatasetSummary(offset, count, shards, time.perf_counter() - start)
+    return DatasetSummary(offset, handed, shards, time.perf_counter() - start)
 
 
 def iter_shards(output_dir: str | os.PathLike) -> Iterator[dict[str, np.ndarray]]:
-    """Read back the shards of `explain_dataset`, one dict of arrays per shard, in order.
+    """Read back the shards of `explain_dataset`, one dict of arrays per shard.
+
+    Only complete shards are read: files named exactly
+    `gradcam-<worker>-<batch>.npz`, ordered by worker, then batch. Shards still
+    being written (or left behind by a worker that died) have a temporary name
+    and are skipped, and so are other files of the folder. With several
+    workers, each image's position in the data set is in the shard's `index`.
 
     Args:
-        output_dir: the folder given to `explain_dataset`.
+        output_dir: the folder given to `explain_dataset` (for several workers,
+            a folder holding every worker's shards).
 
     Returns:
         An iterator of `{field: array}` dicts (one shard in memory at a time).
@@ -210,7 +247,7 @@ def iter_shards(output_dir: str | os.PathLike) -> Iterator[dict[str, np.ndarray]
     folder = Path(output_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"No shard folder {str(folder)!r}.")
-    for path in sorted(folder.glob(_SHARD_GLOB)):
+    for path in _find_files(folder, _SHARD_NAME):
         with np.load(path) as shard:
             yield {name: shard[name] for name in shard.files}
 
@@ -237,22 +274,186 @@ def _check_fields(fields: Sequence[str]) -> tuple[str, ...]:
     return fields
 
 
-def _check_data(data: Any) -> None:
+def _check_data(cam: GradCAM, data: Any, target: Any) -> None:
+    """Refuse, before any work, data whose structure cannot be explained."""
     if isinstance(data, tf.data.Dataset):
+        images, labels, _ = _split(data.element_spec)
+        rank = _image_rank(cam, images)
+        model_rank = _model_rank(cam) or 4
+        if rank not in (model_rank - 1, model_rank):
+            shapes = keras.tree.map_structure(lambda spec: tuple(spec.shape), images)
+            raise InputError(
+                f"The dataset's images must be single images of rank {model_rank - 1} or "
+                f"batches of rank {model_rank} for the model's input "
+                f"{_model_shape(cam) or '(batch, height, width, channels)'}. Received: "
+                f"element images of shape {shapes} (rank {rank}). "
+                + _rank_hint(cam, rank + (rank < model_rank), model_rank, dataset=True)
+            )
+        batched = rank == model_rank
+        _check_image_shape(cam, images, batched)
+        if _is_labels(target):
+            _check_labels_spec(labels, batched)
         return
-    leaves = keras.tree.flatten(_split(data)[0])
+    images, labels, extras = _split(data)
+    leaves = keras.tree.flatten(images)
     if not leaves or not all(hasattr(a, "shape") and hasattr(a, "__getitem__") for a in leaves):
         raise InputError(
             "`data` must be a tf.data.Dataset or arrays: images, (images, labels) or "
             f"(images, labels, extras). Received: {type(data).__name__}. Wrap a generator "
             "in tf.data.Dataset.from_generator."
         )
+    model_rank = _model_rank(cam)
+    rank = len(leaves[0].shape)
+    if model_rank is not None and len(leaves) == 1 and rank != model_rank:
+        raise InputError(
+            f"The images of `data` must be a batch of rank {model_rank} for the model's "
+            f"input {_model_shape(cam)}. Received: images of shape "
+            f"{tuple(leaves[0].shape)} (rank {rank}). "
+            + _rank_hint(cam, rank, model_rank, dataset=False)
+        )
+    _check_image_shape(cam, images, batched=True)
+    count = len(leaves[0])
+    for name, part in (("labels", labels), ("extras", extras)):
+        for leaf in [] if part is None else keras.tree.flatten(part):
+            if not hasattr(leaf, "__len__") or len(leaf) != count:
+                length = len(leaf) if hasattr(leaf, "__len__") else "no"
+                raise InputError(
+                    f"`data` has {count} images but {length} {name}: give one per image, "
+                    f"in the same order. Received: {name} of shape {np.shape(leaf)}, "
+                    f"images of shape {tuple(leaves[0].shape)}."
+                )
+    if _is_labels(target):
+        _check_labels_spec(labels, batched=True)
+
+
+def _model_shape(cam: GradCAM) -> tuple | None:
+    if cam._gradient_model is None:
+        return None
+    inputs = keras.tree.flatten(cam.gradient_model.inputs)
+    return tuple(inputs[0].shape) if len(inputs) == 1 else None
+
+
+def _rank_hint(cam: GradCAM, batch_rank: int, model_rank: int, dataset: bool) -> str:
+    """How to fix images whose (batched) rank is `batch_rank` instead of `model_rank`."""
+    shape = _model_shape(cam)
+    if batch_rank == model_rank - 1:
+        channels = shape[-1] if shape else None
+        fix = (
+            "data.map(lambda image, *rest: (image[..., None], *rest))"
+            if dataset
+            else "images[..., None]"
+        )
+        hint = f"Grayscale images without a channel axis need one: {fix}"
+        if channels not in (None, 1):
+            hint += f", then repeat it to the model's {channels} channels"
+        return hint + "."
+    if batch_rank > model_rank:
+        target = shape[1:] if shape else "(height, width, channels)"
+        return (
+            f"Remove the extra axes so that each image has shape {target}, e.g. with "
+            "np.squeeze or a reshape."
+        )
+    return "Give the images the model's input shape."
+
+
+def _check_image_shape(cam: GradCAM, images: Any, batched: bool) -> None:
+    """Compare the known sizes of single-input images with the model's input."""
+    shape = _model_shape(cam)
+    leaves = keras.tree.flatten(images)
+    if shape is None or len(leaves) != 1:
+        return
+    given = tuple(leaves[0].shape)[1:] if batched else tuple(leaves[0].shape)
+    if len(given) != len(shape) - 1:
+        return
+    if not batched and len(shape) == 4 and given[1:] == shape[1:3] and given[-1] != shape[-1]:
+        raise InputError(
+            f"The dataset's elements look like batches of grayscale images without a channel "
+            f"axis. Received: element images of shape {tuple(leaves[0].shape)}, expected "
+            f"{shape[1:]} per image or {shape} per batch. Add the axis: "
+            "data.map(lambda image, *rest: (image[..., None], *rest)), then repeat it to the "
+            f"model's {shape[-1]} channels if needed."
+        )
+    for axis, (want, got) in enumerate(zip(shape[1:], given, strict=True), start=1):
+        if want is None or got is None or want == got:
+            continue
+        if axis == len(shape) - 1 and len(shape) == 4:
+            raise InputError(
+                f"The model expects {want} channels; the images of `data` have {got}. "
+                f"Received: images of shape {tuple(leaves[0].shape)}, expected {shape}. "
+                "Convert them, e.g. grayscale→RGB with np.repeat(images, 3, axis=-1) (or "
+                "tf.image.grayscale_to_rgb in a dataset.map)."
+            )
+        raise InputError(
+            f"Image axis {axis} has size {got} but the model expects {want}. Received: "
+            f"images of shape {tuple(leaves[0].shape)}, expected {shape}. Resize the "
+            "images to the model's input size (e.g. tf.image.resize in a dataset.map)."
+        )
+
+
+def _check_labels_spec(labels: Any, batched: bool) -> None:
+    """The dtype and rank of labels used as targets, from an array or a TensorSpec."""
+    _require_labels(labels)
+    leaves = keras.tree.flatten(labels)
+    if len(leaves) != 1:
+        raise TargetError(
+            '`target="labels"` needs one label array (class indices or one-hot rows). '
+            f"Received: labels structured as {keras.tree.map_structure(lambda _: '...', labels)}."
+        )
+    leaf = leaves[0]
+    shape = tuple(leaf.shape)
+    rank = len(shape) + (0 if batched else 1)
+    _check_label_kind(_dtype_kind(leaf.dtype), _dtype_name(leaf.dtype), shape, rank, batched)
+
+
+def _dtype_kind(dtype: Any) -> str:
+    """NumPy's kind letter of a NumPy or TensorFlow dtype ("U"/"O" for strings)."""
+    if isinstance(dtype, tf.DType):
+        return "O" if dtype == tf.string else np.dtype(dtype.as_numpy_dtype).kind
+    return np.dtype(dtype).kind
+
+
+def _dtype_name(dtype: Any) -> str:
+    return dtype.name if isinstance(dtype, tf.DType) else str(np.dtype(dtype))
+
+
+def _check_label_kind(kind: str, dtype: str, shape: tuple, rank: int, batched: bool) -> None:
+    per = "" if batched else " per element"
+    received = f"Received: labels of dtype {dtype}, shape {shape}{per}"
+    if kind not in "iuf":
+        fix = (
+            "Map string labels to class indices first (e.g. with keras.layers.StringLookup)"
+            if kind in "USOa"
+            else "Cast them to integer class indices (e.g. labels.astype('int32'))"
+        )
+        raise TargetError(
+            '`target="labels"` needs numeric labels: class indices, shape (batch,), or '
+            f"one-hot rows, shape (batch, classes). {received}. {fix}, or pass target=None."
+        )
+    if rank not in (1, 2):
+        raise TargetError(
+            '`target="labels"` needs class indices, shape (batch,), or one-hot rows, shape '
+            f"(batch, classes). {received}. Reshape the labels to one of those."
+        )
 
 
 def _worker_index(strategy: tf.distribute.Strategy | None) -> int:
+    """This worker's place in the cluster: the chief first, then the workers."""
     resolver = getattr(strategy, "cluster_resolver", None)
     task_id = getattr(resolver, "task_id", None)
-    return int(task_id) if task_id is not None else 0
+    if task_id is None:
+        return 0
+    jobs = resolver.cluster_spec().as_dict()
+    if resolver.task_type == "worker" and "chief" in jobs:
+        return int(task_id) + 1
+    return int(task_id)
+
+
+def _worker_count(strategy: tf.distribute.Strategy | None) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    jobs = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(jobs.get(job, ())) for job in ("chief", "worker")))
 
 
 def _is_array_data(data: Any) -> bool:
@@ -278,7 +479,16 @@ def _image_rank(cam: GradCAM, images: Any) -> int:
     leaves = keras.tree.flatten(images)
     if not leaves:
         raise InputError("The data holds no images.")
-    return len(leaves[0].shape)
+    shape = leaves[0].shape
+    if getattr(shape, "rank", 0) is None:
+        expected = _model_shape(cam)
+        example = expected[1:] if expected else "(height, width, channels)"
+        raise InputError(
+            "The dataset's images have an unknown rank (e.g. from tf.io.parse_tensor or a "
+            f"py_function). Received: element images of shape {shape}. Give them their "
+            f"shape: data.map(lambda image, *rest: (tf.ensure_shape(image, {example}), *rest))."
+        )
+    return len(shape)
 
 
 def _model_rank(cam: GradCAM) -> int | None:
@@ -341,55 +551,115 @@ def _array_batches(data: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]
 
 
 def _batched_dataset(cam: GradCAM, dataset: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """The dataset in batches (ranks were checked by `_check_data`)."""
     images = _split(dataset.element_spec)[0]
-    rank = _image_rank(cam, images)
-    model_rank = _model_rank(cam) or 4
-    if rank == model_rank - 1:
+    if _image_rank(cam, images) == (_model_rank(cam) or 4) - 1:
         dataset = dataset.batch(batch_size)
-    elif rank != model_rank:
-        raise InputError(
-            f"The dataset's images have rank {rank}; the model takes rank {model_rank} "
-            "batches. Elements must be single images or batches of them."
-        )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset
 
 
-def _classes_from_labels(labels: Any) -> Any:
-    """Class indices `(batch,)` from integer labels or one-hot rows."""
+def _require_labels(labels: Any) -> None:
     if labels is None:
         raise TargetError(
             '`target="labels"` needs data with labels: elements (images, labels) or '
             "(images, labels, extras)."
         )
+
+
+def _batch_length(images: Any) -> int:
+    return len(keras.tree.flatten(images)[0])
+
+
+def _check_batch_labels(labels: Any, count: int, number: int) -> None:
+    """Every batch must carry one label per image."""
+    if labels is None:
+        return
+    for leaf in keras.tree.flatten(labels):
+        if len(leaf) != count:
+            raise InputError(
+                f"Batch {number} of `data` has {count} images but {len(leaf)} labels: give "
+                f"one label per image. Received: labels of shape {np.shape(leaf)}. Zip "
+                "images and labels before batching them (or batch both by the same size)."
+            )
+
+
+def _classes_from_labels(labels: Any, num_classes: int | None = None) -> Any:
+    """Class indices `(batch,)` from integer (or whole float) labels or one-hot rows.
+
+    Graph tensors (inside the replicas) are converted without checks: the same
+    labels were checked on the host, as NumPy, before the replicas ran.
+    """
+    _require_labels(labels)
     if isinstance(labels, tf.Tensor) and not tf.executing_eagerly():
         if labels.shape.rank == 2 and labels.shape[-1] != 1:
             return tf.cast(tf.argmax(labels, axis=-1), tf.int32)
         return tf.cast(tf.reshape(labels, [-1]), tf.int32)
     array = np.asarray(labels)
-    if array.ndim == 2 and array.shape[-1] != 1:
-        return np.argmax(array, axis=-1).astype(np.int32)
-    if array.ndim == 2:
+    received = f"Received: labels of dtype {array.dtype}, shape {array.shape}"
+    _check_label_kind(array.dtype.kind, str(array.dtype), array.shape, array.ndim, True)
+    if array.ndim == 2 and array.shape[-1] == 1:
         array = array[:, 0]
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise TargetError(
-            '`target="labels"` needs integer class labels (batch,) or one-hot rows '
-            f"(batch, classes). Received labels of shape {array.shape}, dtype {array.dtype}."
-        )
-    return array.astype(np.int32)
+    if array.ndim == 2:
+        if num_classes is not None and array.shape[-1] != num_classes:
+            raise TargetError(
+                f"One-hot labels must have one column per class of the model ({num_classes}). "
+                f"{received}. Pass class indices instead, or explain the output the labels "
+                "belong to."
+            )
+        one_hot = np.all((array == 0) | (array == 1), axis=-1) & (array.sum(axis=-1) == 1)
+        if not one_hot.all():
+            row = int(np.argmin(one_hot))
+            raise TargetError(
+                "Labels of shape (batch, classes) must be one-hot rows (a single 1, the rest "
+                f"0); row {row} is {np.array2string(array[row], precision=3)}. {received}. "
+                "For soft or smoothed labels pass the class indices, e.g. labels.argmax(-1)."
+            )
+        array = np.argmax(array, axis=-1)
+    elif array.dtype.kind == "f":
+        whole = np.isfinite(array) & (array == np.round(array))
+        if not whole.all():
+            value = float(array[int(np.argmin(whole))])
+            raise TargetError(
+                f"Float labels must hold whole class numbers (e.g. 2.0); found {value}. "
+                f"{received}. Pass integer class indices or one-hot rows."
+            )
+    classes = array.astype(np.int64)
+    if num_classes is not None and classes.size:
+        low, high = int(classes.min()), int(classes.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise TargetError(
+                f"Label {bad} is out of range: the model's output has {num_classes} classes "
+                f"(valid labels 0..{num_classes - 1}). {received}."
+            )
+    return classes.astype(np.int32)
 
 
 def _local_batches(
     cam: GradCAM, data: Any, target: Any, batch_size: int
-) -> Iterator[tuple[Any, Any, Any, Explanation]]:
+) -> Iterator[tuple[np.ndarray, Any, Any, Any, Explanation | None]]:
     """Explain batch by batch on the default device with the public `GradCAM` call."""
     if _is_array_data(data):
         source = _array_batches(data, batch_size)
     else:
-        source = (_split(e) for e in _batched_dataset(cam, data, batch_size))
-    for images, labels, extras in source:
+        dataset = _batched_dataset(cam, data, batch_size).prefetch(tf.data.AUTOTUNE)
+        source = (_split(e) for e in dataset)
+    offset = 0
+    for number, (images, labels, extras) in enumerate(source):
         images, labels, extras = _numpy(images), _numpy(labels), _numpy(extras)
-        batch_target = _classes_from_labels(labels) if _is_labels(target) else target
-        yield images, labels, extras, cam(images, batch_target)
+        count = _batch_length(images)
+        _check_batch_labels(labels, count, number)
+        positions = np.arange(offset, offset + count, dtype=np.int64)
+        offset += count
+        if count == 0:  # an empty batch of a batched dataset: nothing to explain
+            yield positions, images, labels, extras, None
+            continue
+        if _is_labels(target):
+            num_classes = cam._num_classes() if cam._gradient_model is not None else None
+            batch_target = _classes_from_labels(labels, num_classes)
+        else:
+            batch_target = target
+        yield positions, images, labels, extras, cam(images, batch_target)
 
 
 def _is_labels(target: Any) -> bool:
@@ -423,10 +693,32 @@ def _as_dataset(cam: GradCAM, data: Any, batch_size: int) -> tf.data.Dataset:
     dataset = tf.data.Dataset.from_generator(generate, output_signature=present)
     if len(present) == 1:
         dataset = dataset.map(lambda images: images)
+    return dataset
+
+
+@tf.autograph.experimental.do_not_convert
+def _number_images(offset: tf.Tensor, element: Any) -> tuple[tf.Tensor, tuple]:
+    """`scan` step: pair a batch with the positions of its images in the data."""
+    first = keras.tree.flatten(_split(element)[0])[0]
+    count = tf.shape(first, out_type=tf.int64)[0]
+    return offset + count, (tf.range(offset, offset + count), element)
+
+
+def _with_positions(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`(positions, element)` batches, numbered before any split across workers.
+
+    The positions are computed from the whole data set, then travel with the
+    images through the split into replicas and workers. For them to be the
+    positions in the whole data set, the workers must split it by elements:
+    the auto-shard policy is set to `DATA` (every worker reads the data and
+    keeps its share of each batch), whatever the dataset asked for: `FILE`
+    would give each worker other files, whose positions no worker knows, and
+    `OFF` every image to every worker.
+    """
+    numbered = dataset.scan(tf.constant(0, tf.int64), _number_images)
     options = tf.data.Options()
-    # a generator cannot be split by files: every worker reads it and keeps its share
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return numbered.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def _step_spec(cam: GradCAM, target: Any) -> TargetSpec:
@@ -444,6 +736,13 @@ def _replica_classes(spec: TargetSpec, target: Any, labels: Any, batch: tf.Tenso
     return tf.zeros([batch], tf.int32)
 
 
+def _pad_batch(value: tf.Tensor, missing: tf.Tensor) -> tf.Tensor:
+    """`value` with `missing` (0 or 1) zero rows appended along the batch axis."""
+    rank = value.shape.rank
+    paddings = tf.concat([tf.stack([[0, missing]]), tf.zeros([rank - 1, 2], missing.dtype)], axis=0)
+    return tf.pad(value, paddings)
+
+
 def _run_replicas(strategy: tf.distribute.Strategy, replica_fn: Callable, element: Any) -> Any:
     images, labels, _ = _split(element)
     return strategy.run(replica_fn, args=(images, labels))
@@ -459,22 +758,33 @@ def _local_values(strategy: tf.distribute.Strategy, value: Any) -> Any:
 
 def _distributed_batches(
     cam: GradCAM, data: Any, target: Any, batch_size: int, strategy: tf.distribute.Strategy
-) -> Iterator[tuple[Any, Any, Any, Explanation]]:
-    """Split each global batch across the replicas; return the maps in order."""
+) -> Iterator[tuple[np.ndarray, Any, Any, Any, Explanation]]:
+    """Split each global batch across the replicas; return this worker's maps in order."""
     dataset = _as_dataset(cam, data, batch_size)
     if cam._gradient_model is None:  # learn the input shape from one batch
         cam._prepare(_numpy(_split(next(iter(dataset)))[0]))
+    dataset = _with_positions(dataset)
     signature = keras.tree.map_structure(
         lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), cam.gradient_model.inputs
     )
     spec = _step_spec(cam, target)
+    num_classes = cam._num_classes()
     # the engine's compiled step for this target kind, traced once, outside the replicas
     step = cam._function(signature, spec)
 
     def replica_fn(images: Any, labels: Any) -> dict:
         images = keras.tree.map_structure(lambda x, s: tf.cast(x, s.dtype), images, signature)
-        batch = tf.shape(keras.tree.flatten(images)[0])[0]
-        return step(images, _replica_classes(spec, target, labels, batch))
+        count = tf.shape(keras.tree.flatten(images)[0])[0]
+        # A replica can receive 0 images (the last global batch split over more
+        # replicas than it has images), and oneDNN's convolutions return a tensor
+        # shaped like their input on an empty batch, which fails the next layer.
+        # Every replica therefore explains at least one image: a zero image is
+        # appended to an empty batch (tf.pad by max(1 - count, 0): no control
+        # flow, a no-op otherwise) and its results are sliced off.
+        missing = tf.maximum(1 - count, 0)
+        images = keras.tree.map_structure(lambda x: _pad_batch(x, missing), images)
+        classes = _pad_batch(_replica_classes(spec, target, labels, count), missing)
+        return {key: value[:count] for key, value in step(images, classes).items()}
 
     with strategy.scope():
         distributed = strategy.experimental_distribute_dataset(dataset)
@@ -484,17 +794,23 @@ def _distributed_batches(
     # the functions of successive runs.
     distributed_step = tf.function(
         functools.partial(_run_replicas, strategy, replica_fn),
-        input_signature=[distributed.element_spec],
+        input_signature=[distributed.element_spec[1]],
         autograph=False,
     )
-    for element in distributed:
+    for number, (positions, element) in enumerate(distributed):
         images, labels, extras = _split(element)
+        local_images = _numpy(_local_values(strategy, images))
+        local_labels = _numpy(_local_values(strategy, labels))
+        _check_batch_labels(local_labels, _batch_length(local_images), number)
+        if _is_labels(target):  # refuse bad labels here, with their values, not in the graph
+            _classes_from_labels(local_labels, num_classes)
         result = distributed_step(element)
         local = {key: _local_values(strategy, value) for key, value in result.items()}
         explanation = cam._explanation(local, spec).numpy()
         yield (
-            _numpy(_local_values(strategy, images)),
-            _numpy(_local_values(strategy, labels)),
+            _numpy(_local_values(strategy, positions)),
+            local_images,
+            local_labels,
             _numpy(_local_values(strategy, extras)),
             explanation,
         )
@@ -503,20 +819,74 @@ def _distributed_batches(
 # ------------------------------------------------------------------ shards
 
 
+def _find_files(folder: Path, pattern: re.Pattern, worker: int | None = None) -> list[Path]:
+    """Files of `folder` whose whole name matches `pattern`, by (worker, batch)."""
+    found = []
+    for path in folder.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and (worker is None or int(match[1]) == worker) and path.is_file():
+            found.append(((int(match[1]), int(match[2])), path))
+    return [path for _, path in sorted(found)]
+
+
+def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an `.npz` under a temporary name, sync it, then rename it to `path`.
+
+    The temporary name does not match the shard pattern, so a shard is either
+    complete under its final name or absent from `iter_shards`.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename durable: fsync the folder where the platform allows it."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
 class _ShardWriter:
     """Writes one `.npz` per batch on a background thread, at most two pending."""
 
-    def __init__(self, output_dir: Any, worker: int, fields: tuple[str, ...], overwrite: bool):
+    def __init__(
+        self,
+        output_dir: Any,
+        worker: int,
+        fields: tuple[str, ...],
+        overwrite: bool,
+        own_only: bool = False,
+    ):
         self.folder = Path(output_dir)
         self.folder.mkdir(parents=True, exist_ok=True)
-        old = sorted(self.folder.glob(_SHARD_GLOB))
+        # Under several workers sharing a folder, each one only looks at (and
+        # deletes) its own shards: the others may already be writing theirs.
+        owner = worker if own_only else None
+        old = _find_files(self.folder, _SHARD_NAME, owner)
         if old and not overwrite:
             raise ValueError(
                 f"`output_dir` {str(self.folder)!r} already holds {len(old)} shard(s) "
                 f"(e.g. {old[0].name}); choose an empty folder or pass overwrite=True."
             )
-        for path in old:
-            path.unlink()
+        if overwrite:
+            for path in old + _find_files(self.folder, _TEMP_NAME, owner):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         self.worker = worker
         self.fields = fields
         self.paths: list[str] = []
@@ -529,13 +899,12 @@ class _ShardWriter:
             for name in self.fields
             if getattr(batch.explanation, name) is not None
         }
-        n = len(batch.explanation.scores)
-        arrays["index"] = np.arange(batch.offset, batch.offset + n)
+        arrays["index"] = np.asarray(batch.positions, np.int64)
         if batch.labels is not None:
             arrays["labels"] = batch.labels
         path = self.folder / f"gradcam-{self.worker:03d}-{batch.index:06d}.npz"
         self.paths.append(str(path))
-        self._pending.append(self._pool.submit(np.savez, path, **arrays))
+        self._pending.append(self._pool.submit(_write_atomically, path, arrays))
         while len(self._pending) > 2:  # bound the memory held by queued shards
             self._pending.popleft().result()
 

@@ -23,6 +23,11 @@ __all__ = [
 class GradCAMError(ValueError):
     """Base class of every error tf_gradcam raises on bad input."""
 
+    # Exception's own constructor, so that AutoGraph re-raises these errors with
+    # their type when they occur inside a user's `tf.function` (it only keeps
+    # types whose `__init__` is `Exception.__init__`; others become StagingError).
+    __init__ = Exception.__init__
+
 
 class BackendError(GradCAMError):
     """Keras runs on a backend other than TensorFlow."""

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tf_gradcam.errors import (
     BackendError,
+    GradCAMError,
     InputError,
     NoGradientError,
     TargetError,
@@ -205,7 +206,7 @@ class GradCAM:
 
     # ------------------------------------------------------------------ build
 
-    def _build(self, sample_shape: tuple[int, ...] | None) -> GradientModel:
+    def _build_gradient_model(self, sample_shape: tuple[int, ...] | None) -> GradientModel:
         return build_gradient_model(
             self.model,
             self._layer_argument,
@@ -291,7 +292,23 @@ class GradCAM:
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Scores y^c `(batch,)` or `(batch, k)` and their class indices."""
         if spec.kind == "callable":
-            scores = spec.fn(outputs)
+            try:
+                scores = spec.fn(outputs)
+            except NotImplementedError as error:
+                if "numpy" not in str(error).lower():
+                    raise
+                raise TargetError(
+                    "The callable target converts a tensor to NumPy, but it runs inside a "
+                    "compiled step where tensors are symbolic. Use keras.ops or tf functions "
+                    "(keras.ops.take, tf.gather, x[:, 3]) instead of np.* in the target. "
+                    f"Received: target={spec.fn!r}."
+                ) from error
+            if scores is None:
+                raise TargetError(
+                    "The callable target returned None; it must return one score per image, "
+                    f"shape (batch,), e.g. target=lambda out: out[:, 3]. Received: "
+                    f"target={spec.fn!r}."
+                )
             scores = tf.convert_to_tensor(scores)
             if len(scores.shape) != 1:
                 raise TargetError(
@@ -402,13 +419,7 @@ class GradCAM:
     def _prepare(self, images: Any) -> Any:
         """Validate images against the model's inputs; return float tensors."""
         if self._gradient_model is None:
-            array = np.asarray(images)
-            if array.ndim < 2:
-                raise InputError(
-                    f"`images` must be a batch (batch, height, width, channels). Received "
-                    f"shape {array.shape}."
-                )
-            self._gradient_model = self._build(tuple(array.shape))
+            self._gradient_model = self._build(self._sample_shape(images))
             self._selected_output(self._gradient_model.output_structure)
         specs = self._gradient_model.inputs
         leaves = keras.tree.flatten(specs)
@@ -424,14 +435,60 @@ class GradCAM:
                 "(or dict) with one array per input, e.g. [images, questions]."
             )
         image_axis = 1 if self._gradient_model.image_channels_first else -1
+        vocabularies = getattr(self._gradient_model, "vocabularies", {})
         prepared = [
-            _prepare_leaf(value, spec, channels_axis=image_axis if i == self._image_index() else -1)
+            _prepare_leaf(
+                value,
+                spec,
+                channels_axis=image_axis if i == self._image_index() else -1,
+                vocabulary=vocabularies.get(i),
+            )
             for i, (value, spec) in enumerate(zip(given, leaves, strict=True))
         ]
         batch = {int(p.shape[0]) for p in prepared if p.shape[0] is not None}
         if len(batch) > 1:
             raise InputError(f"The inputs have different batch sizes: {sorted(batch)}.")
         return keras.tree.pack_sequence_as(specs, prepared)
+
+    def _sample_shape(self, images: Any) -> tuple[int | None, ...]:
+        """The input shape of a Sequential model without `keras.Input`, from its first layer.
+
+        A model built by an earlier call knows it (`layers[0].input`); otherwise
+        it is the images' shape, with a batch axis added to a single image when
+        the first layer's input spec asks for one more axis.
+        """
+        first = self.model.layers[0] if self.model.layers else None
+        try:
+            known = tuple(first.input.shape)
+        except (AttributeError, ValueError):
+            known = None
+        if known is not None:
+            return (None, *known[1:])
+        array = _as_array(images)
+        spec = getattr(first, "input_spec", None)
+        spec = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+        rank = getattr(spec, "ndim", None) or getattr(spec, "min_ndim", None)
+        if rank is not None and array.ndim == rank - 1:
+            array = array[None]
+        if array.ndim < 2:
+            raise InputError(
+                f"`images` must be a batch (batch, height, width, channels). Received "
+                f"shape {array.shape}."
+            )
+        return (None, *array.shape[1:])
+
+    def _build(self, sample_shape: tuple[int, ...] | None) -> GradientModel:
+        try:
+            return self._build_gradient_model(sample_shape)
+        except (ValueError, TypeError) as error:
+            if sample_shape is None or isinstance(error, GradCAMError):
+                raise
+            reason = str(error).strip().splitlines()[-1][:300]
+            raise InputError(
+                f"Model {self.model.name!r} (a Sequential model without `keras.Input`) cannot "
+                f"run on images shaped {sample_shape[1:]}: {reason} Pass images of the shape "
+                "it was built for, or declare keras.Input(shape) as its first layer."
+            ) from error
 
     def _inputs_from_dict(self, images: dict, specs: Any) -> list:
         """One array per input from a dict keyed by the inputs' names (as Keras accepts)."""
@@ -533,7 +590,18 @@ class GradCAM:
         spec = resolve_target(target, batch, self._num_classes())
         classes = tf.constant(spec.classes)
         if batch is None:  # graph mode with an unknown batch size
-            classes = tf.broadcast_to(classes, tf.shape(first)[:1])
+            size = tf.shape(first)[:1]
+            if spec.kind == "classes" and spec.classes.size > 1:
+                check = tf.debugging.assert_equal(
+                    size[0],
+                    spec.classes.size,
+                    message=f"`target` gives {spec.classes.size} classes but the batch has a "
+                    "different number of images; give one class per image or a single int",
+                )
+                with tf.control_dependencies([check]):
+                    classes = tf.identity(classes)
+            else:
+                classes = tf.broadcast_to(classes, size)
         result = self._function(inputs, spec)(inputs, classes)
         return result, spec
 
@@ -601,15 +669,18 @@ def _signature_key(signature: Any) -> tuple:
     return tuple((tuple(s.shape.as_list()), s.dtype.name) for s in keras.tree.flatten(signature))
 
 
-def _prepare_leaf(value: Any, spec: Any, *, channels_axis: int = -1) -> tf.Tensor:
+def _prepare_leaf(
+    value: Any, spec: Any, *, channels_axis: int = -1, vocabulary: int | None = None
+) -> tf.Tensor:
     """Check one input array against its `keras.Input` and convert it.
 
-    `channels_axis` is 1 for a channels-first image input, else -1.
+    `channels_axis` is 1 for a channels-first image input, else -1;
+    `vocabulary` the size of the `Embedding` reading this input, if any.
     """
     expected = tuple(spec.shape)
     if isinstance(value, tf.Tensor) and not tf.executing_eagerly():
         return tf.cast(value, spec.dtype)  # graph mode: static checks only
-    array = value.numpy() if isinstance(value, tf.Tensor) else np.asarray(value)
+    array = _as_array(value)
     if array.dtype == object or array.dtype.kind not in "biuf":
         raise InputError(
             f"Images must be numeric arrays. Received dtype {array.dtype} with shape {array.shape}."
@@ -652,9 +723,51 @@ def _prepare_leaf(value: Any, spec: Any, *, channels_axis: int = -1) -> tf.Tenso
             f"The images contain {bad} non-finite value(s) (NaN or inf); Grad-CAM needs "
             "finite inputs."
         )
+    _check_integer_cast(array, spec)
+    if vocabulary is not None and array.size and (array.min() < 0 or array.max() >= vocabulary):
+        bad = array.max() if array.max() >= vocabulary else array.min()
+        raise InputError(
+            f"Token id {bad} is outside the vocabulary of the Embedding reading this input "
+            f"(ids 0..{vocabulary - 1}, input shape {tuple(spec.shape)}). Map unknown words "
+            "to an out-of-vocabulary id the model was trained with."
+        )
     if isinstance(value, tf.Tensor) and value.shape.rank == len(expected):
         return tf.cast(value, spec.dtype)  # keep the tensor: differentiable inputs
     return tf.convert_to_tensor(array, dtype=spec.dtype)
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """A NumPy view of images; images of different shapes are an `InputError`."""
+    if isinstance(value, tf.Tensor):
+        return value.numpy()
+    try:
+        return np.asarray(value)
+    except ValueError as error:  # a ragged list: NumPy cannot stack it
+        shapes = sorted({np.shape(v) for v in value}) if isinstance(value, (list, tuple)) else []
+        raise InputError(
+            "The images have different shapes and cannot form one batch"
+            + (f" (shapes {shapes[:4]})" if shapes else "")
+            + ". Resize them to the model's input size first, e.g. with "
+            "tf.image.resize, then stack them."
+        ) from error
+
+
+def _check_integer_cast(array: np.ndarray, spec: Any) -> None:
+    """Refuse values an integer input would silently change (floats in [0, 1] → zeros)."""
+    dtype = tf.as_dtype(spec.dtype)
+    if not dtype.is_integer or array.size == 0:
+        return
+    low, high = dtype.min, dtype.max
+    whole = array.dtype.kind in "iub" or bool(np.all(np.round(array) == array))
+    inside = bool(array.min() >= low and array.max() <= high)
+    if not (whole and inside):
+        raise InputError(
+            f"The model's input is {dtype.name}; the images are {array.dtype} with values in "
+            f"[{array.min():.4g}, {array.max():.4g}], which a cast to {dtype.name} would change"
+            + (" (fractions are cut: floats in [0, 1] become zeros)" if not whole else "")
+            + f". Pass {dtype.name} images in [{low}, {high}], e.g. "
+            f"(images * 255).round().astype('{dtype.name}') for [0, 1] floats."
+        )
 
 
 # explain()'s recently used explainers. A bounded LRU keyed by id(model), not a
@@ -662,6 +775,18 @@ def _prepare_leaf(value: Any, spec: Any, *, channels_axis: int = -1) -> tf.Tenso
 # key alive forever. At most _CACHE_SIZE models stay referenced.
 _CACHE: OrderedDict[tuple, GradCAM] = OrderedDict()
 _CACHE_SIZE = 8
+
+
+def _structure(model: keras.Model) -> tuple:
+    """What a cached explainer depends on: the model's layers and variables, by identity.
+
+    `Sequential.pop()` / `add()`, or a layer rebuilt with new variables, change it,
+    so `explain` never serves a gradient graph of an earlier model.
+    """
+    return (
+        tuple(id(layer) for layer in model.layers),
+        tuple(id(variable) for variable in model.weights),
+    )
 
 
 def explain(
@@ -697,7 +822,12 @@ def explain(
     """
     layer_key = id(layer) if isinstance(layer, keras.Operation) else layer
     try:
-        key = (id(model), layer_key, tuple(sorted(options.items(), key=lambda kv: kv[0])))
+        key = (
+            id(model),
+            _structure(model),
+            layer_key,
+            tuple(sorted(options.items(), key=lambda kv: kv[0])),
+        )
         hash(key)
     except TypeError:  # unhashable option values: no caching
         key = None

@@ -537,7 +537,7 @@ class _InputGradients(GradCAM):
     its gradient model exposes no layer.
     """
 
-    def _build(self, sample_shape: tuple[int, ...] | None) -> GradientModel:
+    def _build_gradient_model(self, sample_shape: tuple[int, ...] | None) -> GradientModel:
         return build_gradient_model(
             self.model,
             None,

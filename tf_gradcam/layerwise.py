@@ -92,6 +92,7 @@ class _LayersModel:
         #: per layer: (position of the image it is computed from, channels-first image)
         self.images = [rewiring.image_input(inputs, a) for a in activations]
         self.image_index, self.image_channels_first = self.images[-1]
+        self.vocabularies = dict(rewiring.vocabularies)
         self.output_structure = outputs
         self.keras_model = keras.Model(
             inputs, activations + flat_outputs, name=f"{model.name}_layerwise"
@@ -165,7 +166,7 @@ class MultiLayerGradCAM(GradCAM):
         self._layers_argument = layers
         super().__init__(model, None, **options)
 
-    def _build(self, sample_shape: tuple[int, ...] | None) -> _LayersModel:
+    def _build_gradient_model(self, sample_shape: tuple[int, ...] | None) -> _LayersModel:
         return _LayersModel(
             self.model,
             self._layers_argument,

@@ -231,6 +231,10 @@ class _Rewiring:
     formats: dict[int, str] = field(default_factory=dict)
     #: id of each tensor → the `data_format` of the nearest layer before it that has one.
     layouts: dict[int, str] = field(default_factory=dict)
+    #: input position → vocabulary size of an `Embedding` that reads that input directly.
+    vocabularies: dict[int, int] = field(default_factory=dict)
+    #: id of each input tensor → its position in the flattened inputs.
+    input_positions: dict[int, int] = field(default_factory=dict)
 
     def run(self, model: keras.Model, inputs: Any, prefix: str) -> Any:
         if isinstance(model, keras.Sequential):
@@ -292,6 +296,11 @@ class _Rewiring:
             self.sources[id(tensor)] = sources
             if data_format is not None:
                 self.layouts[id(tensor)] = data_format
+        if isinstance(layer, keras.layers.Embedding) and symbolic:
+            position = self.input_positions.get(id(symbolic[0]))
+            if position is not None:
+                size = self.vocabularies.get(position, layer.input_dim)
+                self.vocabularies[position] = min(size, layer.input_dim)
 
     def channels_first(self, activation: Any) -> bool:
         """Whether a 4-D tensor of the graph is (batch, channels, h, w).
@@ -344,6 +353,8 @@ class GradientModel:
             sized after (the one the layer is computed from), or `None` if no
             input is 4-D.
         image_channels_first: whether that image is (batch, channels, h, w).
+        vocabularies: input position → vocabulary size, for inputs read by an
+            `Embedding` layer (token ids must be below it).
     """
 
     def __init__(
@@ -355,6 +366,7 @@ class GradientModel:
         channels_first: bool,
         image_index: int | None = None,
         image_channels_first: bool = False,
+        vocabularies: dict[int, int] | None = None,
     ) -> None:
         self.keras_model = keras_model
         self.layer_path = layer_path
@@ -362,6 +374,7 @@ class GradientModel:
         self.channels_first = channels_first
         self.image_index = image_index
         self.image_channels_first = image_channels_first
+        self.vocabularies = dict(vocabularies or {})
 
     def image(self, inputs: Any) -> Any:
         """The image input of `inputs` (same structure as `self.inputs`)."""
@@ -449,6 +462,7 @@ def _rewire(
     rewiring = _Rewiring(call_override=call_override)
     for position, leaf in enumerate(keras.tree.flatten(inputs)):
         rewiring.sources[id(leaf)] = frozenset({position})
+        rewiring.input_positions[id(leaf)] = position
     outputs = rewiring.run(model, inputs, prefix="")
     return rewiring, inputs, outputs
 
@@ -626,4 +640,5 @@ def build_gradient_model(
         channels_first=channels_first,
         image_index=image_index,
         image_channels_first=image_channels_first,
+        vocabularies=rewiring.vocabularies,
     )

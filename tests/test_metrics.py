@@ -473,3 +473,23 @@ def test_errors_name_the_argument_and_what_was_received(call, error, argument):
     """Bad arguments raise a specific ValueError naming the argument and the received value."""
     with pytest.raises(error, match=f"{argument}.*Received"):
         call()
+
+
+def _nan_when_dark(images):
+    """A model whose score is NaN once any pixel is zero (it divides by the darkest pixel)."""
+    x = np.asarray(images, np.float64)
+    darkest = x.min(axis=(1, 2, 3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = x.sum(axis=(1, 2, 3)) * np.where(darkest > 0, 1.0, np.nan)
+    return score[:, None]
+
+
+@pytest.mark.parametrize("curve", [metrics.deletion_curve, metrics.insertion_curve])
+def test_non_finite_model_scores_are_an_error_not_a_nan_auc(curve):
+    """Deletion to a black baseline makes this model's score NaN: an InputError, never a NaN AUC."""
+    images = np.ones((1, 4, 4, 1))
+    heat = np.arange(16.0).reshape(1, 4, 4)
+    with pytest.raises(InputError, match=r"non-finite score\(s\).*baseline"):
+        curve(_nan_when_dark, images, [0], heat, steps=4)
+    finite = curve(_nan_when_dark, images, [0], heat, steps=4, baseline=0.5)
+    assert np.isfinite(finite.auc).all()

@@ -1036,6 +1036,14 @@ class _Scorer:
                 f"(batch, classes). Received: output shape {scores.shape} for a batch of "
                 f"{batch.shape[0]}"
             )
+        bad = scores.size - np.count_nonzero(np.isfinite(scores))
+        if bad:
+            raise InputError(
+                f"Argument `model` returned {bad} non-finite score(s) (NaN or inf) on "
+                f"{batch.shape[0]} perturbed images, so no curve or map can be computed. "
+                "Check the model on such inputs (e.g. a normalisation that divides by a "
+                "statistic the baseline makes zero) or choose another `baseline`."
+            )
         return scores
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import io
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ import pytest
 import tensorflow as tf
 from conftest import make_cnn
 
+import tf_gradcam.dataset as dataset_module
 from tf_gradcam import GradCAM, InputError, TargetError, TopK
 from tf_gradcam.dataset import (
     _ShardWriter,
@@ -178,12 +181,81 @@ def test_pointing_game_accumulates_over_batches():
     assert pointing_accuracy(np.concatenate(hits)) == pointing_accuracy(expected)
 
 
-def test_steps_stop_an_infinite_dataset(data):
-    """`steps` bounds the number of batches of a repeated (infinite) dataset."""
+def _concatenated(shards: list[dict]) -> dict:
+    return {name: np.concatenate([s[name] for s in shards]) for name in shards[0]}
+
+
+@pytest.mark.parametrize("steps", [2, np.int64(2)], ids=["int", "numpy-int"])
+def test_steps_stop_an_infinite_dataset(data, tmp_path, steps):
+    """`steps=2` on a repeated (infinite) dataset explains exactly two batches, GradCAM's maps."""
+    images, labels = data[0][:3], data[1][:3]
+    endless = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+    model = make_cnn()
+    summary = explain_dataset(
+        model, endless, "labels", batch_size=2, steps=steps, output_dir=tmp_path, verbose=0
+    )
+    assert (summary.batches, summary.images, len(summary.shards)) == (2, 4, 2)
+    streamed = _concatenated(list(iter_shards(tmp_path)))
+    order = [0, 1, 2, 0]  # the second batch wraps around to the first image
+    _assert_equal_maps(streamed, _direct(GradCAM(model), images[order], labels[order], 2))
+    np.testing.assert_array_equal(streamed["index"], np.arange(4))
+    np.testing.assert_array_equal(streamed["labels"], labels[order])
+
+
+@pytest.mark.parametrize(
+    "steps", [0, -1, 1.5, True, np.int64(0), "2"], ids=["0", "-1", "1.5", "True", "np0", "str"]
+)
+def test_steps_must_be_a_positive_int(data, tmp_path, steps):
+    """`steps` of 0, negative, fractional, bool or str: ValueError before anything runs."""
     images, _ = data
-    endless = tf.data.Dataset.from_tensor_slices(images).repeat()
-    summary = explain_dataset(make_cnn(), endless, target=1, batch_size=4, steps=3, verbose=0)
-    assert (summary.batches, summary.images) == (3, 12)
+    out = tmp_path / "cams"
+    seen = []
+    with pytest.raises(ValueError, match=re.escape(f"Received: steps={steps!r}.")) as raised:
+        explain_dataset(
+            make_cnn(),
+            images,
+            batch_size=4,
+            steps=steps,
+            output_dir=out,
+            on_batch=seen.append,
+            verbose=0,
+        )
+    assert "`steps` must be a positive int" in str(raised.value)
+    assert seen == [] and not out.exists()  # refused before any work
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+def test_an_infinite_dataset_without_steps_is_refused(data, tmp_path, batched):
+    """A repeated dataset without `steps` would never end: ValueError naming `steps=` up front."""
+    images, _ = data
+    endless = tf.data.Dataset.from_tensor_slices(images)
+    endless = (endless.batch(4) if batched else endless).repeat()
+    assert endless.cardinality() == tf.data.INFINITE_CARDINALITY
+    out = tmp_path / "cams"
+
+    def on_batch(batch):  # stops the run (instead of hanging) if the refusal is missing
+        raise AssertionError("an infinite dataset was explained without `steps`")
+
+    with pytest.raises(ValueError, match="steps=") as raised:
+        explain_dataset(make_cnn(), endless, target=1, output_dir=out, on_batch=on_batch, verbose=0)
+    message = str(raised.value)
+    assert "infinite" in message and "Received: steps=None." in message
+    assert not out.exists()  # refused before any work
+
+
+def test_a_dataset_of_unknown_length_runs_to_its_end_without_steps(data):
+    """A filtered dataset (unknown cardinality) may end: it runs without `steps`, every image."""
+    images, labels = data
+    kept = tf.data.Dataset.from_tensor_slices((images, labels)).filter(lambda x, y: y != 1)
+    assert kept.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    model = make_cnn()
+    got = []
+    summary = explain_dataset(model, kept, "labels", batch_size=4, on_batch=got.append, verbose=0)
+    mask = labels != 1
+    assert (summary.images, summary.batches) == (mask.sum(), 2) == (7, 2)
+    streamed = {f: np.concatenate([getattr(b.explanation, f) for b in got]) for f in FIELDS}
+    _assert_equal_maps(streamed, _direct(GradCAM(model), images[mask], labels[mask], 4))
+    np.testing.assert_array_equal(np.concatenate([b.positions for b in got]), np.arange(7))
 
 
 def test_bad_arguments_are_refused(data, tmp_path):
@@ -435,26 +507,134 @@ def _savez_failing_at(call: int, error: type[BaseException]):
     return savez
 
 
-def test_a_failed_write_leaves_only_complete_shards(data, tmp_path, monkeypatch):
-    """A shard that fails half-way is never visible to iter_shards; the error reaches the caller."""
+@pytest.mark.parametrize("error", [OSError, RuntimeError])
+def test_a_failed_write_leaves_only_complete_shards(data, tmp_path, monkeypatch, error):
+    """A shard that fails half-way is never visible to iter_shards; the error reaches the caller.
+
+    An OSError is reworded (naming the shard); any other error passes unchanged.
+    Either way no later shard is written.
+    """
     images, labels = data
     cam = GradCAM(make_cnn())
-    monkeypatch.setattr(np, "savez", _savez_failing_at(2, OSError))
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(np, "savez", _savez_failing_at(2, error))
+    with pytest.raises(error, match="No space left") as raised:
         explain_dataset(
             cam, (images, labels), "labels", batch_size=4, output_dir=tmp_path, verbose=0
         )
     monkeypatch.undo()
-    # batch 1 failed; batch 2 was already queued and completed
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    named = "gradcam-000-000001.npz" in str(raised.value)
+    assert named == (error is OSError) and type(raised.value) is error
+    # batch 1 failed: batch 2, already queued, was not written (the shards stay a prefix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gradcam-000-000000.npz"]
+    [shard] = list(iter_shards(tmp_path))
+    np.testing.assert_array_equal(shard["index"], np.arange(4))
+    _assert_equal_maps(shard, _direct(cam, images[:4], labels[:4], 4))
+
+
+class _FailingFile:
+    """A binary file on a disk that fails: at `stage` ("write" or "flush"), OSError(`code`).
+
+    A failing write first writes part of the data, as a disk that fills up does.
+    """
+
+    def __init__(self, file: io.BufferedWriter, code: int, stage: str):
+        self.file, self.code, self.stage = file, code, stage
+
+    def _fail(self) -> None:
+        raise OSError(self.code, os.strerror(self.code))
+
+    def write(self, data: bytes) -> int:
+        if self.stage == "write" and self.file.tell() + len(data) > 200:
+            self.file.write(bytes(data)[: max(0, 200 - self.file.tell())])
+            self.file.flush()
+            self._fail()
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        if self.stage == "flush":
+            self._fail()
+        self.file.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self) -> _FailingFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
+
+
+def _open_failing_at(shard: int, code: int, stage: str):
+    """`open` whose `shard`-th temporary shard file (1-based) fails at `stage` with `code`."""
+    temps = []
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if not str(file).endswith(".tmp"):
+            return open(file, mode, *args, **kwargs)
+        temps.append(file)
+        if len(temps) != shard:
+            return open(file, mode, *args, **kwargs)
+        if stage == "open":
+            raise OSError(code, os.strerror(code), str(file))
+        return _FailingFile(open(file, mode, *args, **kwargs), code, stage)
+
+    return fake_open
+
+
+@pytest.mark.parametrize(
+    ("code", "stage", "fix"),
+    [
+        (errno.ENOSPC, "write", "Free space on that disk"),
+        (errno.EDQUOT, "flush", "raise your quota"),
+        (errno.EROFS, "open", "Make the folder writable"),
+        (errno.EACCES, "open", "Make the folder writable"),
+    ],
+    ids=["ENOSPC-write", "EDQUOT-flush", "EROFS-open", "EACCES-open"],
+)
+def test_a_full_disk_is_a_clear_oserror_after_complete_shards(
+    data, tmp_path, monkeypatch, code, stage, fix
+):
+    """The 3rd shard cannot be written: an OSError (same errno) naming shard, folder, reason, fix.
+
+    No temporary file is left, no later shard is written, and iter_shards reads
+    exactly the first two shards, with GradCAM's maps.
+    """
+    images, labels = data
+    model = make_cnn()
+    out = tmp_path / "cams"
+    monkeypatch.setattr(dataset_module, "open", _open_failing_at(3, code, stage), raising=False)
+    with pytest.raises(OSError) as raised:
+        explain_dataset(model, (images, labels), "labels", batch_size=2, output_dir=out, verbose=0)
+    monkeypatch.undo()
+    error = raised.value
+    assert error.errno == code and type(error) is type(OSError(code, ""))  # e.g. PermissionError
+    assert isinstance(error.__cause__, OSError) and error.__cause__.errno == code
+    message = str(error)
+    for words in (
+        "shard gradcam-000-000002.npz",
+        f"in the folder {str(out)!r}",
+        f"{os.strerror(code)} ({errno.errorcode[code]})",
+        fix,
+        "or choose another `output_dir`",
+        "The 2 shard(s) written before it are complete",
+        "no partial file of it is left",
+        f"Received: output_dir={str(out)!r}.",
+    ):
+        assert words in message, (words, message)
+    # no temporary file, no later shard: only the first two, complete
+    assert sorted(p.name for p in out.iterdir()) == [
         "gradcam-000-000000.npz",
-        "gradcam-000-000002.npz",
+        "gradcam-000-000001.npz",
     ]
-    shards = list(iter_shards(tmp_path))
-    index = np.concatenate([s["index"] for s in shards])
-    np.testing.assert_array_equal(index, [0, 1, 2, 3, 8, 9])
-    expected = _direct(cam, images[index], labels[index], 4)
-    _assert_equal_maps({f: np.concatenate([s[f] for s in shards]) for f in FIELDS}, expected)
+    shards = list(iter_shards(out))
+    assert len(shards) == 2
+    direct = GradCAM(model)
+    for number, shard in enumerate(shards):
+        part = slice(2 * number, 2 * number + 2)
+        np.testing.assert_array_equal(shard["index"], np.arange(10)[part])
+        np.testing.assert_array_equal(shard["labels"], labels[part])
+        _assert_equal_maps(shard, _direct(direct, images[part], labels[part], 2))
 
 
 def test_a_process_killed_mid_shard_leaves_only_complete_shards(tmp_path):
@@ -606,3 +786,35 @@ def test_multi_worker_shards_hold_every_image_once(tmp_path):
             {name: value[order] for name, value in union.items()},
             {name: getattr(expected, name) for name in FIELDS},
         )
+
+
+def test_a_partial_file_that_cannot_be_removed_is_named(data, tmp_path, monkeypatch):
+    """If even the partial file cannot be deleted, the error names it; iter_shards skips it."""
+    images, labels = data
+    model = make_cnn()
+    out = tmp_path / "cams"
+    monkeypatch.setattr(
+        dataset_module, "open", _open_failing_at(3, errno.ENOSPC, "write"), raising=False
+    )
+    unlink = Path.unlink
+
+    def stuck_unlink(path, *args, **kwargs):
+        if path.name.endswith(".tmp"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", stuck_unlink)
+    with pytest.raises(OSError) as raised:
+        explain_dataset(model, (images, labels), "labels", batch_size=2, output_dir=out, verbose=0)
+    monkeypatch.undo()
+    temp = f".gradcam-000-000002.npz.{os.getpid()}.tmp"
+    assert raised.value.errno == errno.ENOSPC
+    assert f"its partial file {temp} could not be removed: delete it" in str(raised.value)
+    assert sorted(p.name for p in out.iterdir()) == [
+        temp,
+        "gradcam-000-000000.npz",
+        "gradcam-000-000001.npz",
+    ]
+    shards = list(iter_shards(out))
+    np.testing.assert_array_equal(np.concatenate([s["index"] for s in shards]), np.arange(4))
+    _assert_equal_maps(_concatenated(shards), _direct(GradCAM(model), images[:4], labels[:4], 2))

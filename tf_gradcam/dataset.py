@@ -16,13 +16,17 @@ place in the cluster; each image keeps its position in the whole data set
 (the shards' `index`), so the union of every worker's shards is the data set.
 
 Shards are written atomically (a temporary name, flushed and synced, then
-renamed), so a worker that dies mid-run leaves only complete shards behind.
+renamed), so a worker that dies mid-run leaves only complete shards behind. A
+write that fails (a full disk, a read-only folder) stops the run with an
+`OSError` that says why and what to do; the shards before it stay complete
+and none after it is written.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -145,7 +149,11 @@ def explain_dataset(
         fields: the `Explanation` fields written to the shards.
         strategy: a `tf.distribute.Strategy` to run the replicas of; `None` runs
             on the default device.
-        steps: stop after this many batches (needed for an infinite dataset).
+        steps: a positive int: stop after this many batches (at most; fewer if
+            the data end first). Needed for an infinite dataset (e.g. after
+            `repeat()`), which is refused without it. `None` explains the data
+            to their end, also for a dataset of unknown length (e.g. after
+            `filter`).
         overwrite: delete the shards of an earlier run found in `output_dir`
             (only files named `gradcam-<worker>-<batch>.npz`, and under a
             multi-worker strategy only this worker's) instead of failing.
@@ -161,8 +169,13 @@ def explain_dataset(
             number of labels (or extras) than images.
         TargetError: `target="labels"` without labels, or labels that are not
             class indices or one-hot rows, or classes out of the model's range.
-        ValueError: an unknown field, `batch_size < 1`, or earlier shards in
-            `output_dir` without `overwrite=True`.
+        ValueError: an unknown field, `batch_size < 1`, `steps` that is not a
+            positive int or `None`, an infinite dataset without `steps`, or
+            earlier shards in `output_dir` without `overwrite=True`.
+        OSError: a shard could not be written (e.g. `ENOSPC`, no space left on
+            the device): the message names the shard, the folder, the reason
+            and the fix, and the `errno` is the operating system's. The shards
+            before it are complete and no later one is written.
 
     Example:
         >>> hits = []
@@ -173,6 +186,7 @@ def explain_dataset(
         >>> metrics.pointing_accuracy(np.concatenate(hits))
     """
     start = time.perf_counter()
+    _check_steps(steps)
     cam = _explainer(model, layer, options)
     fields = _check_fields(fields)
     _check_target(target)
@@ -185,6 +199,7 @@ def explain_dataset(
         raise ValueError(
             f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}."
         )
+    _check_finite(data, steps)
     worker, workers = _worker_index(strategy), _worker_count(strategy)
     writer = (
         _ShardWriter(output_dir, worker, fields, overwrite, own_only=workers > 1)
@@ -264,6 +279,30 @@ def _explainer(model: Any, layer: Any, options: dict) -> GradCAM:
             )
         return model
     return GradCAM(model, layer, **options)
+
+
+def _check_steps(steps: Any) -> None:
+    """`steps` must be `None` or a positive int (not a bool, a float or a str)."""
+    if steps is None:
+        return
+    if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(
+            "`steps` must be a positive int, the number of batches to explain, or None to "
+            f"explain the data to their end. Received: steps={steps!r}."
+        )
+
+
+def _check_finite(data: Any, steps: int | None) -> None:
+    """Refuse an infinite dataset without `steps`: the run would never end."""
+    if steps is not None or not isinstance(data, tf.data.Dataset):
+        return
+    if int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        raise ValueError(
+            "The dataset is infinite (its cardinality is tf.data.INFINITE_CARDINALITY, e.g. "
+            "after repeat()), so explaining it would never end. Pass steps=<number of "
+            "batches> to stop after that many, or end the dataset (e.g. data.take(n)). "
+            "Received: steps=None."
+        )
 
 
 def _check_fields(fields: Sequence[str]) -> tuple[str, ...]:
@@ -829,13 +868,19 @@ def _find_files(folder: Path, pattern: re.Pattern, worker: int | None = None) ->
     return [path for _, path in sorted(found)]
 
 
+def _temp_path(path: Path) -> Path:
+    """The temporary name of the shard `path` while it is written (not a shard name)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an `.npz` under a temporary name, sync it, then rename it to `path`.
 
     The temporary name does not match the shard pattern, so a shard is either
-    complete under its final name or absent from `iter_shards`.
+    complete under its final name or absent from `iter_shards`. On failure the
+    temporary file is removed (where the OS allows) and the error re-raised.
     """
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp = _temp_path(path)
     try:
         with open(temp, "wb") as file:
             np.savez(file, **arrays)
@@ -847,6 +892,47 @@ def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
             temp.unlink()
         raise
     _sync_folder(path.parent)
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _write_error(error: OSError, path: Path, earlier: int) -> OSError:
+    """The `OSError` of a failed shard write, saying why, what is left and what to do.
+
+    Args:
+        error: the error of the write.
+        path: the shard's final path.
+        earlier: the number of shards (of this worker) written before it.
+
+    Returns:
+        An `OSError` with the same `errno` (so the same subclass, e.g.
+        `PermissionError` for `EACCES`), to be raised from `error`.
+    """
+    code = error.errno
+    reason = error.strerror or str(error) or type(error).__name__
+    if code in errno.errorcode:
+        reason += f" ({errno.errorcode[code]})"
+    if code in _NO_SPACE:
+        fix = "Free space on that disk (or raise your quota there), or choose another `output_dir`"
+    elif code in _NOT_WRITABLE:
+        fix = "Make the folder writable, or choose another `output_dir`"
+    else:
+        fix = "Check the folder and its disk, or choose another `output_dir`"
+    temp = _temp_path(path)
+    left = (
+        f"its partial file {temp.name} could not be removed: delete it"
+        if temp.exists()
+        else "no partial file of it is left"
+    )
+    message = (
+        f"Could not write the shard {path.name} in the folder {str(path.parent)!r}: {reason}. "
+        f"{fix}; rerunning into the same folder needs overwrite=True. The {earlier} shard(s) "
+        f"written before it are complete (iter_shards reads them), no later one was written, "
+        f"and {left}. Received: output_dir={str(path.parent)!r}."
+    )
+    return OSError(message) if code is None else OSError(code, message)
 
 
 def _sync_folder(folder: Path) -> None:
@@ -862,7 +948,12 @@ def _sync_folder(folder: Path) -> None:
 
 
 class _ShardWriter:
-    """Writes one `.npz` per batch on a background thread, at most two pending."""
+    """Writes one `.npz` per batch on a background thread, at most two pending.
+
+    The first failed write stops the writing: the shards queued after it are
+    skipped, so the shards on disk are always the first batches, complete; the
+    failure is raised by a later `write` (at most two later) or by `close`.
+    """
 
     def __init__(
         self,
@@ -892,6 +983,7 @@ class _ShardWriter:
         self.paths: list[str] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradcam-shards")
         self._pending: collections.deque[Future] = collections.deque()
+        self._failed = False
 
     def write(self, batch: ExplainedBatch) -> None:
         arrays = {
@@ -903,10 +995,23 @@ class _ShardWriter:
         if batch.labels is not None:
             arrays["labels"] = batch.labels
         path = self.folder / f"gradcam-{self.worker:03d}-{batch.index:06d}.npz"
+        self._pending.append(self._pool.submit(self._write, path, arrays, len(self.paths)))
         self.paths.append(str(path))
-        self._pending.append(self._pool.submit(_write_atomically, path, arrays))
         while len(self._pending) > 2:  # bound the memory held by queued shards
             self._pending.popleft().result()
+
+    def _write(self, path: Path, arrays: dict[str, np.ndarray], earlier: int) -> None:
+        """Write one shard (on the background thread), unless an earlier write failed."""
+        if self._failed:
+            return
+        try:
+            _write_atomically(path, arrays)
+        except OSError as error:
+            self._failed = True
+            raise _write_error(error, path, earlier) from error
+        except BaseException:
+            self._failed = True
+            raise
 
     def close(self) -> tuple[str, ...]:
         try:

@@ -14,7 +14,8 @@ two CPU cores.
 
 Run:
     python examples/bias_detection.py --out examples/out
-    tensorboard --logdir examples/out/logs      # image panel: runs biased/gradcam, debiased/gradcam
+    tensorboard --logdir examples/out/logs --samples_per_plugin images=100,text=100
+    # image panel: runs biased/gradcam, debiased/gradcam, every epoch on the step slider
 
 Outputs in --out: `bias_overlays.png` (test images whose patch contradicts the
 shape: input, biased model's Grad-CAM, debiased model's Grad-CAM) and the
@@ -143,6 +144,7 @@ def main() -> None:
             layer="last_conv",
             max_images=6,
             regions={"cue": monitor[2], "object": monitor[3]},
+            class_names=CLASS_NAMES,  # the panels name the explained class
             update_freq=10,
         )
         batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=args.seed)

@@ -306,6 +306,27 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, args):
     assert "--help" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["explain", "m.keras", "a.png", "--alpha", "5"], "--alpha: must be a number in [0, 1]"),
+        (["explain", "m.keras", "a.png", "--alpha", "abc"], "--alpha: must be a number in [0, 1]"),
+        (["explain", "m.keras", "a.png", "--alpha", "nan"], "--alpha: must be a number in [0, 1]"),
+        (["explain", "m.keras", "a.png", "--top-k", "two"], "--top-k: must be a positive integer"),
+        (["demo", "--count", "0"], "--count: must be a positive integer, got '0'"),
+        (["demo", "--count", "x"], "--count: must be a positive integer, got 'x'"),
+    ],
+)
+def test_bad_numbers_say_what_is_expected(capsys, args, problem):
+    """Out-of-range and non-numeric values: exit 2, the option and its valid range, no internals."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    line = _one_error_line(capsys)
+    assert problem in line and f"got {args[-1]!r}" in line
+    assert "_unit_float" not in line and "_positive_int" not in line
+
+
 # ------------------------------------------------------------------ --labels
 
 
@@ -436,7 +457,7 @@ def test_python_side_tensorflow_logging_is_silenced_unless_verbose(
     model = tmp_path / "m.keras"
     _tiny_model().save(model)
     image = _save_images(tmp_path, np.random.default_rng(8).random((1, 8, 8, 3)))
-    args = ["explain", str(model), *image, "--out", str(tmp_path / "o")]
+    args = ["explain", str(model), *image, "--out", str(tmp_path / "o"), "--overwrite"]
     levels = {name: logging.getLogger(name).level for name in ("absl", "tensorflow")}
     for verbose in (False, True):
         caplog.clear()

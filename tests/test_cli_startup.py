@@ -205,3 +205,25 @@ def test_console_script_exits_2_with_one_line_on_a_corrupt_model(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "corrupt.keras" in done.stderr
     assert "corrupt or truncated" in done.stderr
+
+
+@pytest.mark.parametrize("problem", ["existing output", "unwritable out"])
+def test_output_problems_stop_explain_before_tensorflow_is_imported(tmp_path, problem):
+    """An existing output file or an unwritable --out: exit 2, one line, no TensorFlow import."""
+    model, image = _model_and_image(tmp_path)
+    if problem == "existing output":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "a_gradcam.png").write_bytes(b"earlier run")
+        out, message = "out", f"{str(Path('out', 'a_gradcam.png'))!r} already exists"
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux's /proc")
+        out, message = (
+            "/proc/tf-gradcam-test",
+            "cannot create output folder '/proc/tf-gradcam-test'",
+        )
+    report, printed, err = _main(["explain", model, image, "--out", out], tmp_path)
+    assert report["code"] == 2 and not report["tensorflow"] and not report["keras"]
+    assert printed == "" and err.count("\n") == 1 and message in err
+    if problem == "existing output":
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_gradcam.png"]

@@ -1,10 +1,10 @@
 """The `tf-gradcam` command: `demo` and `explain`. The only module that touches image files.
 
-    tf-gradcam demo [--out DIR] [--count N] [--seed S] [--verbose]
+    tf-gradcam demo [--out DIR] [--count N] [--seed S] [--overwrite] [--verbose] [--debug]
     tf-gradcam explain MODEL IMAGE... [--layer NAME] [--class INDEX | --top-k K]
                        [--method gradcam|counterfactual|guided_backprop|guided_gradcam]
                        [--preprocess unit|raw|symmetric] [--labels FILE] [--out DIR]
-                       [--alpha A] [--trust-model] [--verbose]
+                       [--alpha A] [--trust-model] [--overwrite] [--verbose] [--debug]
 
 `explain` loads a `.keras` model with Keras' safe mode on (`--trust-model`
 turns it off, and is required for legacy `.h5`/`.hdf5` files, which safe mode
@@ -13,10 +13,20 @@ cannot check), reads PNG/JPEG images, converts them to the model's channels
 (`.npy`) into the output folder and nowhere else. `--labels` names the classes
 in the file names, the printed table and a caption on each PNG.
 
+Outputs: the output folder is created and checked writable, and every file the
+command would write is checked absent (unless `--overwrite`), before anything
+is computed. Each file is written under a temporary name and renamed into place
+once complete, so a failure (a full disk...) leaves no partial file, and a
+replaced file is either the old one or the new one. Other files in the folder
+are never touched; the folders the command created are removed again if it
+fails before writing into them.
+
 The module imports TensorFlow only when a subcommand needs it, so `--help`
 answers at once, and hides TensorFlow's start-up log lines unless `--verbose`
-is given. A user error (a missing or unreadable file, an unknown layer, an
-out-of-range class...) prints one line on stderr and exits with status 2.
+is given. Exit status: 0 on success; 2 on a user error (a missing or
+unreadable file, an unknown layer, an out-of-range class, an existing output,
+a full disk...), after one line on stderr; 1 on an internal error (a bug),
+after one line naming the exception. `--debug` adds the traceback to both.
 """
 
 from __future__ import annotations
@@ -28,12 +38,14 @@ import os
 import re
 import sys
 import tempfile
+import traceback
+import uuid
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
 
@@ -52,6 +64,7 @@ _HDF5_SUFFIXES = (".h5", ".hdf5")
 _PYTHON_LOGGERS = ("absl", "tensorflow")  # `tf.get_logger()` is the "tensorflow" logger
 _CAPTION_MIN_WIDTH = 256  # captioned pictures are enlarged to at least this width
 _CAPTION_FONT = "DejaVuSans.ttf"  # ships with Matplotlib; Latin, Greek, Cyrillic
+_EXPLAIN_SUFFIXES = (".png", ".npy")  # the files `explain` writes per image and class
 
 
 class CommandError(Exception):
@@ -389,20 +402,111 @@ def _safe_stem(path: str, taken: set[str]) -> str:
     return _unique(_safe_name(Path(path).stem) or "image", taken)
 
 
-def _output_folder(name: str) -> Path:
-    """Creates the output folder (and parents) if needed.
+def _image_stems(paths: Sequence[str]) -> list[str]:
+    """The file-name stem of each input image: safe, and unique within the run."""
+    taken: set[str] = set()
+    return [_safe_stem(path, taken) for path in paths]
+
+
+@contextmanager
+def _output_folder(name: str) -> Iterator[Path]:
+    """The output folder, created with its missing parents and checked writable.
+
+    If the command then fails, the folders created here are removed again while
+    still empty, so a run that wrote nothing leaves nothing behind.
+
+    Args:
+        name: the `--out` path as given on the command line.
+
+    Yields:
+        The folder.
 
     Raises:
-        CommandError: if it cannot be created (a file has its name, no permission...).
+        CommandError: if it is an existing file, cannot be created or cannot be
+            written into (no permission, a read-only or special file system...).
     """
     out = Path(name)
     if out.exists() and not out.is_dir():
         raise CommandError(f"output folder {name!r} is an existing file.")
+    created = [folder for folder in (out, *out.parents) if not os.path.lexists(folder)]
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CommandError(
+                f"cannot create output folder {name!r}: {error.strerror or error}."
+            ) from error
+        try:
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".tf-gradcam-", suffix=".probe"):
+                pass
+        except OSError as error:
+            raise CommandError(
+                f"cannot write into output folder {name!r}: {error.strerror or error}."
+            ) from error
+        yield out
+    except BaseException:
+        for folder in created:  # deepest first
+            with suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _refuse_existing(out: Path, targets: Sequence[str | re.Pattern[str]], overwrite: bool) -> None:
+    """Stops the command if a file it would write is already in `out`, unless `overwrite`.
+
+    Args:
+        out: the output folder.
+        targets: what the command writes, in writing order: exact file names, or
+            patterns matching every name an output can get where the name depends on
+            the predicted class (checked before the classes are known).
+        overwrite: whether `--overwrite` was given; then nothing is checked.
+
+    Raises:
+        CommandError: naming the first existing file and the `--overwrite` flag.
+    """
+    if overwrite:
+        return
+    present = sorted(os.listdir(out))
+    for target in targets:
+        if isinstance(target, str):
+            found = target if os.path.lexists(out / target) else None
+            reason = "already exists"
+        else:
+            found = next((name for name in present if target.fullmatch(name)), None)
+            reason = (
+                "already exists and may be replaced (output names depend on the predicted class)"
+            )
+        if found is not None:
+            raise CommandError(
+                f"{str(out / found)!r} {reason}; pass --overwrite to replace existing files, "
+                "or choose another --out."
+            )
+
+
+def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Writes a file whole or not at all: into a temporary name, renamed once complete.
+
+    The temporary file is a hidden sibling of `path`, removed if writing fails, so a
+    full disk leaves neither a partial file nor a changed old one.
+
+    Args:
+        path: the file to write (replaced if it exists).
+        write: writes the content into the open binary file it is given.
+
+    Raises:
+        CommandError: naming the file and the operating system's reason.
+    """
+    # a hidden, unique sibling, its name short enough for any file system's limit
+    temporary = path.with_name(f".{path.name[:40]}.{uuid.uuid4().hex[:12]}.part")
+    try:
+        with open(temporary, "xb") as handle:
+            write(handle)
+        os.replace(temporary, path)
     except OSError as error:
-        raise CommandError(f"cannot create output folder {name!r}: {error.strerror}.") from error
-    return out
+        raise CommandError(f"cannot write {str(path)!r}: {error.strerror or error}.") from error
+    finally:
+        with suppress(OSError):  # gone after the rename; what is left of it after a failure
+            os.remove(temporary)
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
@@ -410,20 +514,15 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
     import cv2
 
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    try:
-        if not ok:
-            raise OSError(0, "PNG encoding failed")
-        path.write_bytes(encoded.tobytes())
-    except OSError as error:
-        raise CommandError(f"cannot write {str(path)!r}: {error.strerror}.") from error
+    if not ok:
+        raise CommandError(f"cannot write {str(path)!r}: PNG encoding failed.")
+    data = encoded.tobytes()
+    _write_file(path, lambda handle: handle.write(data))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     """Saves an array as `.npy`; `CommandError` if the file cannot be written."""
-    try:
-        np.save(path, array)
-    except OSError as error:
-        raise CommandError(f"cannot write {str(path)!r}: {error.strerror}.") from error
+    _write_file(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
 def _captioned(rgb: np.ndarray, label: str, score: float) -> np.ndarray:
@@ -468,54 +567,67 @@ def _captioned(rgb: np.ndarray, label: str, score: float) -> np.ndarray:
 
 def _run_demo(args: argparse.Namespace) -> int:
     """`tf-gradcam demo`: the shipped model on generated scenes; writes PNGs and maps."""
-    _import_tensorflow(args.verbose)
-    import matplotlib
+    with _output_folder(args.out) as out:
+        _import_tensorflow(args.verbose)
+        from tf_gradcam import GradCAM, overlay
+        from tf_gradcam.demo_model import DEMO_CLASS_NAMES, DEMO_LAYER_NAME, load_demo_model
+        from tf_gradcam.metrics import pointing_game
+        from tf_gradcam.scenes import make_scenes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tf_gradcam import GradCAM, overlay
-    from tf_gradcam.demo_model import DEMO_CLASS_NAMES, DEMO_LAYER_NAME, load_demo_model
-    from tf_gradcam.metrics import pointing_game
-    from tf_gradcam.scenes import make_scenes
-
-    model = load_demo_model()
-    scenes = make_scenes(args.count, seed=args.seed)
-    cam = GradCAM(model, DEMO_LAYER_NAME)
-    result = cam(scenes.images)
-    overlays = overlay(scenes.images, result.heatmaps)
-    hits = pointing_game(result.heatmaps, scenes.masks[:, 0])
-    out = _output_folder(args.out)
-    for i in range(len(scenes)):
-        _write_png(out / f"scene_{i:02d}_{DEMO_CLASS_NAMES[result.classes[i]]}.png", overlays[i])
-    _save_npy(out / "maps.npy", result.maps)
-
-    columns = len(scenes)
-    figure, axes = plt.subplots(2, columns, figsize=(2.0 * columns, 4.3))
-    axes = np.asarray(axes).reshape(2, columns)
-    for i in range(columns):
-        truth = DEMO_CLASS_NAMES[scenes.labels[i]]
-        guess = DEMO_CLASS_NAMES[result.classes[i]]
-        axes[0, i].imshow(scenes.images[i])
-        axes[0, i].set_title(f"true: {truth}", fontsize=9)
-        axes[1, i].imshow(overlays[i])
-        axes[1, i].set_title(f"Grad-CAM: {guess}", fontsize=9)
-        for ax in axes[:, i]:
-            ax.axis("off")
-    figure.suptitle(f"tf_gradcam demo — layer {result.layer!r}", fontsize=10)
-    figure.tight_layout()
-    grid = out / "demo_grid.png"
-    figure.savefig(grid, dpi=100)
-    plt.close(figure)
+        fixed = ["maps.npy", "demo_grid.png"]
+        shapes = "|".join(map(re.escape, DEMO_CLASS_NAMES))  # scenes are named after the class
+        any_scene = [re.compile(rf"scene_{i:02d}_(?:{shapes})\.png") for i in range(args.count)]
+        _refuse_existing(out, [*any_scene, *fixed], args.overwrite)
+        scenes = make_scenes(args.count, seed=args.seed)
+        result = GradCAM(load_demo_model(), DEMO_LAYER_NAME)(scenes.images)
+        overlays = overlay(scenes.images, result.heatmaps)
+        hits = pointing_game(result.heatmaps, scenes.masks[:, 0])
+        names = [f"scene_{i:02d}_{DEMO_CLASS_NAMES[c]}.png" for i, c in enumerate(result.classes)]
+        _refuse_existing(out, [*names, *fixed], args.overwrite)
+        for name, picture in zip(names, overlays, strict=True):
+            _write_png(out / name, picture)
+        _save_npy(out / "maps.npy", result.maps)
+        _write_file(
+            out / "demo_grid.png", lambda handle: _demo_grid(handle, scenes, result, overlays)
+        )
 
     accuracy = float(np.mean(result.classes == scenes.labels))
     print(f"tf_gradcam demo: explained {len(scenes)} generated scenes with the shipped model")
     print(f"  layer: {result.layer}   predicted correctly: {accuracy:.0%}")
     print(f"  map maximum on the object (pointing game): {hits.mean():.0%}")
-    print(f"  overview:  {grid.resolve()}")
+    print(f"  overview:  {(out / 'demo_grid.png').resolve()}")
     print(f"  overlays:  {len(scenes)} PNGs in {out.resolve()}")
     print(f"  raw maps:  {(out / 'maps.npy').resolve()}  shape {result.maps.shape}")
     return 0
+
+
+def _demo_grid(handle: BinaryIO, scenes: Any, result: Any, overlays: np.ndarray) -> None:
+    """Draws the demo's overview, scenes above overlays, as a PNG into `handle`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tf_gradcam.demo_model import DEMO_CLASS_NAMES
+
+    columns = len(scenes)
+    figure, axes = plt.subplots(2, columns, figsize=(2.0 * columns, 4.3))
+    try:
+        axes = np.asarray(axes).reshape(2, columns)
+        for i in range(columns):
+            truth = DEMO_CLASS_NAMES[scenes.labels[i]]
+            guess = DEMO_CLASS_NAMES[result.classes[i]]
+            axes[0, i].imshow(scenes.images[i])
+            axes[0, i].set_title(f"true: {truth}", fontsize=9)
+            axes[1, i].imshow(overlays[i])
+            axes[1, i].set_title(f"Grad-CAM: {guess}", fontsize=9)
+            for ax in axes[:, i]:
+                ax.axis("off")
+        figure.suptitle(f"tf_gradcam demo — layer {result.layer!r}", fontsize=10)
+        figure.tight_layout()
+        figure.savefig(handle, format="png", dpi=100)
+    finally:
+        plt.close(figure)
 
 
 def _run_explain(args: argparse.Namespace) -> int:
@@ -523,24 +635,78 @@ def _run_explain(args: argparse.Namespace) -> int:
     _check_model_file(args.model, args.trust_model)
     labels = _read_labels(args.labels) if args.labels else None
     originals = [_read_rgb(name) for name in args.images]
-    _import_tensorflow(args.verbose)
-    from tf_gradcam import TopK
+    with _output_folder(args.out) as out:
+        _refuse_existing(out, _explain_targets(args, labels), args.overwrite)
+        _import_tensorflow(args.verbose)
+        from tf_gradcam import TopK
 
-    model = _load_model(args.model, args.trust_model)
-    size, channels = _image_geometry(model)
-    if labels is not None:
-        _check_labels(labels, model, args.labels)
-    images = _model_inputs(originals, size, channels, args.preprocess)
-    target = TopK(args.top_k) if args.top_k else args.class_index
-    result, pixels = _explain_with_method(model, images, target, args)
-    out = _output_folder(args.out)
-    rows = _write_explanations(out, args, originals, result, pixels, labels)
+        model = _load_model(args.model, args.trust_model)
+        size, channels = _image_geometry(model)
+        if labels is not None:
+            _check_labels(labels, model, args.labels)
+        images = _model_inputs(originals, size, channels, args.preprocess)
+        target = TopK(args.top_k) if args.top_k else args.class_index
+        result, pixels = _explain_with_method(model, images, target, args)
+        rows = _write_explanations(out, args, originals, result, pixels, labels)
     _print_table(rows, labels is not None)
     print(
         f"layer {result.layer}, method {args.method}: wrote {len(rows)} PNG + .npy pair(s) "
         f"into {out.resolve()}"
     )
     return 0
+
+
+def _explanation_names(
+    args: argparse.Namespace, classes: Sequence[Sequence[int]], labels: list[str] | None
+) -> list[list[str]]:
+    """The output file names, without suffix, of each image's explained classes.
+
+    `<image>_<method>`, `<image>_class<k>_<method>` with `--top-k`, or
+    `<image>_<class name>_<method>` with `--labels`; unique within the run.
+
+    Args:
+        args: the parsed `explain` arguments (images, method, top-k).
+        classes: the explained classes of each image.
+        labels: the class names, or None.
+    """
+    method = args.method.replace("_", "-")
+    taken: set[str] = set()
+    names = []
+    for stem, image_classes in zip(_image_stems(args.images), classes, strict=True):
+        row = []
+        for c in image_classes:
+            if labels is not None:
+                row.append(_unique(f"{stem}_{_safe_name(labels[c]) or c}_{method}", taken))
+            elif args.top_k:
+                row.append(_unique(f"{stem}_class{c}_{method}", taken))
+            else:
+                row.append(_unique(f"{stem}_{method}", taken))
+        names.append(row)
+    return names
+
+
+def _explain_targets(
+    args: argparse.Namespace, labels: list[str] | None
+) -> list[str | re.Pattern[str]]:
+    """What `explain` will write, in writing order, known before anything is computed.
+
+    Exact file names where the arguments fix them; where they depend on the
+    predicted classes (`--top-k`, or `--labels` without `--class`), one pattern per
+    image matching every name its classes can give.
+    """
+    if not args.top_k and (labels is None or args.class_index in range(len(labels))):
+        classes = [[args.class_index or 0]] * len(args.images)
+        rows = _explanation_names(args, classes, labels)
+        return [f"{name}{suffix}" for row in rows for name in row for suffix in _EXPLAIN_SUFFIXES]
+    if labels is not None:
+        part = "|".join(re.escape(_safe_name(label) or str(c)) for c, label in enumerate(labels))
+    else:
+        part = r"class\d+"
+    method = re.escape(args.method.replace("_", "-"))
+    return [
+        re.compile(rf"{re.escape(stem)}_(?:{part})_{method}(?:_\d+)?\.(?:png|npy)")
+        for stem in _image_stems(args.images)
+    ]
 
 
 def _explain_with_method(
@@ -568,7 +734,7 @@ def _write_explanations(
     pixels: np.ndarray | None,
     labels: list[str] | None,
 ) -> list[tuple[str, int, str, float, str]]:
-    """Writes a PNG and a `.npy` per image and class.
+    """Writes a PNG and a `.npy` per image and class, none of which may exist yet.
 
     Grad-CAM methods write the overlay on the original image and the layer-resolution
     map; guided methods write the display-normalised and the raw pixel gradients.
@@ -577,38 +743,35 @@ def _write_explanations(
 
     Returns:
         One row per file pair: (image path, class, class name or "", score, PNG name).
+
+    Raises:
+        CommandError: if one of the files exists and `--overwrite` was not given (checked
+            before the first is written), or a file cannot be written.
     """
     import cv2
 
     from tf_gradcam import overlay
     from tf_gradcam.image import normalize_gradients
 
-    method = args.method.replace("_", "-")
     height, width = result.heatmaps.shape[-2:]
-    stems: set[str] = set()
-    names: set[str] = set()
+    classes = [np.atleast_1d(image_classes).tolist() for image_classes in result.classes]
+    names = _explanation_names(args, classes, labels)
+    files = [f"{name}{suffix}" for row in names for name in row for suffix in _EXPLAIN_SUFFIXES]
+    _refuse_existing(out, files, args.overwrite)  # exact names, now that the classes are known
     rows = []
     for i, (path, rgb) in enumerate(zip(args.images, originals, strict=True)):
-        stem = _safe_stem(path, stems)
-        classes = np.atleast_1d(result.classes[i])
-        scores = np.atleast_1d(result.scores[i])
-        heat = result.heatmaps[i].reshape(len(classes), height, width)
-        maps = result.maps[i].reshape(len(classes), *result.maps.shape[-2:])
-        for j, (c, score) in enumerate(zip(classes.tolist(), scores.tolist(), strict=True)):
+        scores = np.atleast_1d(result.scores[i]).tolist()
+        heat = result.heatmaps[i].reshape(len(classes[i]), height, width)
+        maps = result.maps[i].reshape(len(classes[i]), *result.maps.shape[-2:])
+        for j, (c, score, name) in enumerate(zip(classes[i], scores, names[i], strict=True)):
             label = labels[c] if labels is not None else ""
-            if labels is not None:
-                name = _unique(f"{stem}_{_safe_name(label) or c}_{method}", names)
-            elif args.top_k:
-                name = _unique(f"{stem}_class{c}_{method}", names)
-            else:
-                name = _unique(f"{stem}_{method}", names)
             if pixels is None:
                 big = cv2.resize(
                     heat[j], (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR
                 )
                 picture, array = overlay(rgb, big, alpha=args.alpha), maps[j]
             else:
-                array = pixels[i].reshape(len(classes), height, width, -1)[j]
+                array = pixels[i].reshape(len(classes[i]), height, width, -1)[j]
                 shown = normalize_gradients(array[None])[0]
                 shown = np.repeat(shown, 3, axis=-1) if shown.shape[-1] == 1 else shown[..., :3]
                 picture = np.round(shown * 255).astype(np.uint8)
@@ -636,29 +799,49 @@ def _print_table(rows: list[tuple[str, int, str, float, str]], with_labels: bool
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """argparse type of `--count` and `--top-k`: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def _unit_float(text: str) -> float:
-    value = float(text)
+    """argparse type of `--alpha`: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
     return value
 
 
 def _parser() -> argparse.ArgumentParser:
     """The `tf-gradcam` argument parser; each subcommand sets `run`."""
     verbose_help = "show TensorFlow's log output (hidden by default)"
+    debug_help = "print the traceback of an error as well as its one-line message"
     common = _Parser(add_help=False)
     common.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
     )
-    parser = _Parser(prog="tf-gradcam", description="Grad-CAM explanations for Keras models.")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    common.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace output files that already exist in --out (refused by default)",
+    )
+    parser = _Parser(
+        prog="tf-gradcam",
+        description="Grad-CAM explanations for Keras models.",
+        epilog="exit status: 0 success, 1 internal error, 2 user error",
+    )
     parser.add_argument("--version", action="version", version=f"tf-gradcam {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain}")
 
     demo = sub.add_parser(
@@ -736,6 +919,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str, status: int, debug: bool) -> int:
+    """Prints `tf-gradcam: <message>` as one line on stderr, after the traceback if `debug`.
+
+    Must be called while the exception is being handled.
+
+    Returns:
+        `status`.
+    """
+    if debug:
+        traceback.print_exc()
+    print(f"tf-gradcam: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+def _internal_error(error: Exception, debug: bool) -> str:
+    """The message of an unexpected exception: its type and the first line of its text."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    return f"internal error: {text}" + ("" if debug else " (run with --debug for the traceback)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tf-gradcam` console script.
 
@@ -743,15 +947,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: command-line arguments without the program name (default `sys.argv[1:]`).
 
     Returns:
-        The process exit status: 0 on success, 2 on a user error (after one line on
-        stderr), 130 when interrupted.
+        The process exit status, after one line on stderr unless 0: 0 on success, 2 on
+        a user error, 1 on an internal error (an unexpected exception), 130 when
+        interrupted. `--debug` prints the traceback before that line.
 
     Raises:
         SystemExit: from argparse, for `--help`, `--version` (status 0) and usage
             errors (status 2, one line on stderr).
 
     Example:
-        >>> main(["demo", "--out", "/tmp/demo"])
+        >>> main(["demo", "--out", "/tmp/demo", "--overwrite"])
         0
     """
     args = _parser().parse_args(argv)
@@ -759,11 +964,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _command_diagnostics():
             return args.run(args)
     except (CommandError, GradCAMError) as error:
-        print(f"tf-gradcam: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        return _fail(str(error), 2, args.debug)
     except KeyboardInterrupt:
-        print("tf-gradcam: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130, args.debug)
+    except Exception as error:
+        return _fail(_internal_error(error, args.debug), 1, args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

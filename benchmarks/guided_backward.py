@@ -1,7 +1,7 @@
 """Why the guided ReLU's backward pass is `Relu(6)Grad(relu(g), relu(x))`: three variants, one run.
 
 Guided Grad-CAM's floor is the forward pass plus a full backward pass to the
-image (issue 6: at most 1.2x that floor). Its only extra work is the guided
+image (target: at most 1.2x that floor). Its only extra work is the guided
 rule at every ReLU. This script builds `GuidedGradCAM` three times on the same
 model, each with a different backward formulation of the same rule, and times
 them interleaved with the bare forward + backward pass:
@@ -10,7 +10,7 @@ them interleaved with the bare forward + backward pass:
 - `fused, features=input`: TensorFlow's `ReluGrad`/`Relu6Grad` kernel fed
   `relu(g)` and the ReLU's input `x`;
 - `fused, features=output (library)`: the same kernel fed the ReLU's output,
-  as TensorFlow's own Relu gradient is: `tf_gradcam.guided` as shipped. The units with
+  as TensorFlow's own Relu gradient is: `tf_gradcam.relu_rules` as shipped. The units with
   0 < relu(x) (< 6) are exactly those with 0 < x (< 6), and the input no
   longer has to be kept for the backward pass.
 
@@ -47,7 +47,7 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import tf_gradcam
 
-from tf_gradcam import guided
+from tf_gradcam import relu_rules as guided
 
 
 @functools.cache

@@ -80,7 +80,7 @@ def test_true_backward_equals_tensorflows_relu_gradient(mode, params):
     Checked bit for bit against the gradient TensorFlow registers for the plain
     activation, at the kinks (0, threshold, max_value) too.
     """
-    from tf_gradcam.guided import _true_relu_gradients
+    from tf_gradcam.relu_rules import true_relu_gradients as _true_relu_gradients
 
     x = np.concatenate([X, [params.get("threshold", 0.0), params.get("max_value") or 3.0]])
     g = np.concatenate([G, [2.5, 1.5]]).astype(np.float32)

@@ -10,10 +10,10 @@ The public names load on first use (PEP 562): `import tf_gradcam` itself does
 not import TensorFlow, so the `tf-gradcam` command answers `--help` at once.
 `from tf_gradcam import GradCAM`, `tf_gradcam.GradCAM` and
 `import tf_gradcam.gradcam` work as with eager imports. The first public name
-used (other than the error classes) also imports `tf_gradcam.guided`, which
-registers the Keras layers `GuidedReLU` and `DeconvReLU` for loading saved
-models; to load a saved model holding them before using any name, import
-`tf_gradcam.guided` first.
+used (other than the error classes) also imports `tf_gradcam.relu_rules`,
+which registers the Keras layers `GuidedReLU` and `DeconvReLU` for loading
+saved models; to load a saved model holding them before using any name,
+import `tf_gradcam.relu_rules` first.
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ _SOURCES: dict[str, str] = {
     "explain": "gradcam",
     "Deconvolution": "guided",
     "DeconvolutionGradCAM": "guided",
-    "DeconvReLU": "guided",
+    "DeconvReLU": "relu_rules",
     "GuidedBackprop": "guided",
     "GuidedGradCAM": "guided",
-    "GuidedReLU": "guided",
+    "GuidedReLU": "relu_rules",
     "PixelExplanation": "guided",
-    "deconv_relu": "guided",
-    "guided_relu": "guided",
+    "deconv_relu": "relu_rules",
+    "guided_relu": "relu_rules",
     "normalize_gradients": "image",
     "overlay": "image",
     "MultiLayerGradCAM": "layerwise",
@@ -125,16 +125,13 @@ if TYPE_CHECKING:
     from tf_gradcam.guided import (
         Deconvolution,
         DeconvolutionGradCAM,
-        DeconvReLU,
         GuidedBackprop,
         GuidedGradCAM,
-        GuidedReLU,
         PixelExplanation,
-        deconv_relu,
-        guided_relu,
     )
     from tf_gradcam.image import normalize_gradients, overlay
     from tf_gradcam.layerwise import MultiLayerGradCAM, explain_layers, plot_layers
+    from tf_gradcam.relu_rules import DeconvReLU, GuidedReLU, deconv_relu, guided_relu
     from tf_gradcam.submodel import layer_paths
     from tf_gradcam.targets import AnswerScore, CaptionLogProb, TopK, WordLogProb
 
@@ -154,7 +151,7 @@ def __getattr__(name: str) -> Any:
     source = _SOURCES.get(name)
     if source is not None:
         if source != "errors":  # registers GuidedReLU/DeconvReLU for keras.saving
-            importlib.import_module(f"{__name__}.guided")
+            importlib.import_module(f"{__name__}.relu_rules")
         value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
         globals()[name] = value
         return value

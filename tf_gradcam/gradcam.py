@@ -27,6 +27,7 @@ from tf_gradcam.errors import (
     TargetError,
 )
 from tf_gradcam.image import normalize_maps, upsample_maps
+from tf_gradcam.relu_rules import ReluOverride
 from tf_gradcam.submodel import CallOverride, GradientModel, build_gradient_model
 from tf_gradcam.targets import Target, TargetSpec, _select_output, resolve_target
 
@@ -125,7 +126,7 @@ class GradCAM:
         call_override: advanced: replaces layer calls in the gradient graph.
         relu_gradients: `"guided"` or `"deconv"` to backpropagate through every
             ReLU with the guided or deconvolution rule (the ablation of
-            Appendix B.2.3, `tf_gradcam.guided.ReluOverride`); `None` (default)
+            Appendix B.2.3, `tf_gradcam.relu_rules.ReluOverride`); `None` (default)
             uses the true gradients.
         jit_compile: compile the step with XLA. Off by default: on CPU it was
             no faster for ResNet50 and about 10x slower for MobileNetV2's
@@ -168,9 +169,6 @@ class GradCAM:
                     f"one of them. Received: relu_gradients={relu_gradients!r} and "
                     f"call_override={call_override!r}."
                 )
-            # Imported here: tf_gradcam.guided builds on this module.
-            from tf_gradcam.guided import ReluOverride
-
             call_override = ReluOverride(model, relu_gradients)
         if pooling not in _POOLINGS:
             raise ValueError(

@@ -1,0 +1,68 @@
+"""The package's shape: no import cycles between its modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tf_gradcam"
+
+
+def _imports(path: Path) -> set[str]:
+    """`tf_gradcam` modules a module imports, at any depth (function-level imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("tf_gradcam."):
+                found.add(node.module.split(".")[1])
+            elif node.module == "tf_gradcam":  # `from tf_gradcam import submodule`
+                found.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists())
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("tf_gradcam."):
+                    found.add(alias.name.split(".")[1])
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {
+        path.stem: _imports(path) - {path.stem}
+        for path in PACKAGE.glob("*.py")
+        if path.stem != "__init__"  # it imports lazily (PEP 562), at first attribute use
+    }
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state = [], {}
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = "open"
+        for dependency in sorted(graph.get(module, ())):
+            if state.get(dependency) == "open":
+                cycles.append([*stack[stack.index(dependency) :], dependency])
+            elif dependency not in state:
+                visit(dependency, [*stack, dependency])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_the_walker_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+
+
+def test_no_import_cycle_between_modules():
+    graph = _graph()
+    assert {"gradcam", "guided", "relu_rules", "submodel"} <= set(graph)
+    assert _cycles(graph) == []
+
+
+def test_the_relu_rules_are_a_leaf_below_the_engine():
+    """relu_rules needs only the rewiring and the errors; the engine imports it, not guided."""
+    graph = _graph()
+    assert graph["relu_rules"] <= {"errors", "submodel"}
+    assert "guided" not in graph["gradcam"]

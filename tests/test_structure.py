@@ -62,7 +62,8 @@ def test_no_import_cycle_between_modules():
 
 
 def test_the_relu_rules_are_a_leaf_below_the_engine():
-    """relu_rules needs only the rewiring and the errors; the engine imports it, not guided."""
+    """relu_rules needs only the rewiring, the errors and the Keras adapter (itself a leaf)."""
     graph = _graph()
-    assert graph["relu_rules"] <= {"errors", "submodel"}
+    assert graph["relu_rules"] <= {"errors", "keras_adapter", "submodel"}
+    assert graph["keras_adapter"] == set()
     assert "guided" not in graph["gradcam"]

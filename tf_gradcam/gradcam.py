@@ -27,6 +27,7 @@ from tf_gradcam.errors import (
     TargetError,
 )
 from tf_gradcam.image import normalize_maps, upsample_maps
+from tf_gradcam.keras_adapter import first_layer_input_shape, input_rank
 from tf_gradcam.relu_rules import ReluOverride
 from tf_gradcam.submodel import CallOverride, GradientModel, build_gradient_model
 from tf_gradcam.targets import Target, TargetSpec, _select_output, resolve_target
@@ -455,17 +456,11 @@ class GradCAM:
         it is the images' shape, with a batch axis added to a single image when
         the first layer's input spec asks for one more axis.
         """
-        first = self.model.layers[0] if self.model.layers else None
-        try:
-            known = tuple(first.input.shape)
-        except (AttributeError, ValueError):
-            known = None
+        known = first_layer_input_shape(self.model)
         if known is not None:
             return (None, *known[1:])
         array = _as_array(images)
-        spec = getattr(first, "input_spec", None)
-        spec = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
-        rank = getattr(spec, "ndim", None) or getattr(spec, "min_ndim", None)
+        rank = input_rank(self.model.layers[0]) if self.model.layers else None
         if rank is not None and array.ndim == rank - 1:
             array = array[None]
         if array.ndim < 2:

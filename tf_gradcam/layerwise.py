@@ -29,8 +29,8 @@ import tensorflow as tf
 from tf_gradcam.errors import LayerNotFoundError, NoGradientError, NotSpatialError
 from tf_gradcam.gradcam import Explanation, GradCAM
 from tf_gradcam.image import overlay
+from tf_gradcam.keras_adapter import is_expandable
 from tf_gradcam.submodel import (
-    _is_expandable,
     _is_spatial,
     _resolve_path,
     _rewire,
@@ -72,7 +72,7 @@ class _LayersModel:
                 if len(rewiring.outputs[p]) == 1
                 and _is_spatial(rewiring.outputs[p][0])
                 and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
-                and not _is_expandable(rewiring.layers[p])
+                and not is_expandable(rewiring.layers[p])
             ]
             if not paths:
                 raise NotSpatialError(

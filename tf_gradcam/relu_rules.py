@@ -36,7 +36,8 @@ import keras
 import tensorflow as tf
 
 from tf_gradcam.errors import UnsupportedActivationError
-from tf_gradcam.submodel import _is_expandable, call_with_activation, is_operation
+from tf_gradcam.keras_adapter import is_expandable, is_operation, operation_relu_parameters
+from tf_gradcam.submodel import call_with_activation
 
 __all__ = [
     "DeconvReLU",
@@ -73,14 +74,6 @@ _NOT_RECTIFIERS = frozenset(
         "exponential",
         "sparsemax",
     }
-)
-
-#: Bare Keras operations (`keras.ops.relu(x)` on symbolic tensors, by class
-#: name): the ReLU family with its fixed parameters, the activations without a
-#: guided rule, and the non-rectifiers left alone (every other operation too).
-_RELU_OPERATIONS: dict[str, dict[str, float]] = {"Relu": {}, "Relu6": {"max_value": 6.0}}
-_UNDEFINED_OPERATIONS = frozenset(
-    {"Celu", "Elu", "Gelu", "Glu", "HardSilu", "Selu", "Silu", "Softplus", "Squareplus"}
 )
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -294,7 +287,7 @@ def _relu_parameters(layer: keras.layers.Layer) -> tuple[str, dict[str, Any] | N
         for an activation without a guided rule, `("none", None)` otherwise.
     """
     if is_operation(layer):
-        return _operation_relu_parameters(layer)
+        return operation_relu_parameters(layer)
     if isinstance(layer, keras.layers.ReLU):
         params = {
             "negative_slope": layer.negative_slope,
@@ -306,7 +299,7 @@ def _relu_parameters(layer: keras.layers.Layer) -> tuple[str, dict[str, Any] | N
         return "relu", {"negative_slope": layer.negative_slope}
     if isinstance(layer, (keras.layers.ELU, keras.layers.PReLU)):
         return "undefined", {"activation": type(layer).__name__}
-    if isinstance(layer, keras.Model) and not _is_expandable(layer):
+    if isinstance(layer, keras.Model) and not is_expandable(layer):
         return "undefined", {"activation": "subclassed model, its layers cannot be reached"}
     activation = getattr(layer, "activation", None)
     if activation is None or not callable(activation):
@@ -319,29 +312,11 @@ def _relu_parameters(layer: keras.layers.Layer) -> tuple[str, dict[str, Any] | N
     return "undefined", {"activation": name}
 
 
-def _operation_relu_parameters(operation: Any) -> tuple[str, dict[str, Any] | None]:
-    """`_relu_parameters` for a bare Keras operation."""
-    name = type(operation).__name__
-    if name in _RELU_OPERATIONS:
-        return "relu", dict(_RELU_OPERATIONS[name])
-    if name == "LeakyRelu":
-        return "relu", {"negative_slope": operation.negative_slope}
-    if name == "ReLU" and hasattr(operation, "max_value"):  # keras.activations.relu(x, ...)
-        return "relu", {
-            "negative_slope": operation.negative_slope,
-            "max_value": operation.max_value,
-            "threshold": operation.threshold,
-        }
-    if name in _UNDEFINED_OPERATIONS:
-        return "undefined", {"activation": f"keras.ops.{name.lower()}"}
-    return "none", None
-
-
 def _nested_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
     """Every layer and bare operation of the model, nested models opened."""
     nodes = model.layers if isinstance(model, keras.Sequential) else model.operations
     for layer in nodes:
-        if _is_expandable(layer):
+        if is_expandable(layer):
             yield from _nested_layers(layer)
         else:
             yield layer
@@ -394,7 +369,7 @@ class ReluOverride:
         self.mode = mode
         self._replaced: dict[int, str] = {}
         undefined = []
-        layers = _nested_layers(model) if _is_expandable(model) else iter(())
+        layers = _nested_layers(model) if is_expandable(model) else iter(())
         for layer in layers:
             kind, info = _relu_parameters(layer)
             if kind == "undefined":

@@ -33,6 +33,13 @@ from tf_gradcam.errors import (
     NotSpatialError,
     UnsupportedModelError,
 )
+from tf_gradcam.keras_adapter import (
+    SQUASHING_OPERATIONS,
+    is_expandable,
+    is_operation,
+    run_functional_graph,
+    twin,
+)
 
 __all__ = [
     "CallOverride",
@@ -44,8 +51,6 @@ __all__ = [
 
 #: Activations that turn scores into probabilities; the paper's y^c is taken before them.
 _SQUASHING_ACTIVATIONS = ("softmax", "sigmoid")
-#: The same as bare Keras operations (`keras.ops.softmax(x)` on symbolic tensors).
-_SQUASHING_OPERATIONS = ("Softmax", "Sigmoid")
 
 #: Layers after which a feature map has no spatial extent left: the default
 #: layer is never one of them or anything computed only from their outputs
@@ -69,28 +74,6 @@ _LOCAL_POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 CallOverride = Callable[[keras.layers.Layer], "Callable[..., Any] | None"]
 
 
-def _is_expandable(layer: keras.layers.Layer) -> bool:
-    """Whether the layer is a model whose inner graph we can re-run."""
-    return isinstance(layer, keras.Sequential) or _is_functional(layer)
-
-
-def _is_functional(layer: keras.layers.Layer) -> bool:
-    """Whether the layer is a functional model (keras.Model(inputs, outputs) or a subclass)."""
-    return isinstance(layer, keras.Model) and any(
-        cls.__name__ == "Functional" for cls in type(layer).__mro__
-    )
-
-
-def is_operation(layer: Any) -> bool:
-    """Whether a graph node is a bare Keras operation, not a layer.
-
-    Functional models hold such nodes where operations were applied to symbolic
-    tensors: `x + 3.0`, `keras.ops.relu(x)`, `keras.activations.relu(x)`
-    (MobileNetV3's hard swish, ConvNeXt's residual additions).
-    """
-    return isinstance(layer, keras.Operation) and not isinstance(layer, keras.layers.Layer)
-
-
 def _activation_name(layer: keras.layers.Layer) -> str | None:
     activation = getattr(layer, "activation", None)
     if activation is None:
@@ -103,7 +86,7 @@ def is_squashing_head(layer: keras.layers.Layer) -> bool:
     if isinstance(layer, keras.layers.Softmax):
         return True
     if is_operation(layer):
-        return type(layer).__name__ in _SQUASHING_OPERATIONS
+        return type(layer).__name__ in SQUASHING_OPERATIONS
     return _activation_name(layer) in _SQUASHING_ACTIVATIONS
 
 
@@ -140,25 +123,9 @@ def call_with_activation(
     def run(*args: Any, **kwargs: Any) -> Any:
         if isinstance(layer, keras.layers.Softmax):
             return activation(args[0])
-        return _twin(layer, activation=activation)(*args, **kwargs)
+        return twin(layer, activation=activation)(*args, **kwargs)
 
     return run
-
-
-def _twin(layer: keras.layers.Layer, **replaced: Any) -> keras.layers.Layer:
-    """A shallow copy of `layer` with some attributes replaced; the layer is not touched.
-
-    The copy shares every attribute value (variables, configuration, dtype
-    policy), so it computes what the layer computes except for the replaced
-    attributes. `copy.copy` is not used: Keras layers pickle themselves
-    through the saving format in `__reduce__`. `Layer.__setattr__` is
-    bypassed so attribute tracking never records the replacement.
-    """
-    twin = object.__new__(type(layer))
-    twin.__dict__.update(layer.__dict__)
-    for name, value in replaced.items():
-        object.__setattr__(twin, name, value)
-    return twin
 
 
 class _LayerCall(keras.layers.Layer):
@@ -242,24 +209,14 @@ class _Rewiring:
             for layer in model.layers:
                 x = self.call(layer, (x,), {}, prefix)
             return x
-        # Functional models: walk their graph node by node. `_run_through_graph`
-        # is what `Functional.call` itself runs; unlike `keras.models.clone_model`
-        # it also accepts tensors of an enclosing graph, which nested models need.
-        run_graph = getattr(model, "_run_through_graph", None)
-        if run_graph is None:  # pragma: no cover - guards a future Keras change
-            raise UnsupportedModelError(
-                f"This Keras version ({keras.__version__}) does not expose the graph of "
-                f"functional model {model.name!r}; tf_gradcam supports Keras >= 3.14."
-            )
-        return run_graph(
-            inputs,
-            operation_fn=lambda layer: layer,
-            call_fn=lambda layer, *a, **k: self.call(layer, a, k, prefix),
+        # Functional models: walk their graph node by node.
+        return run_functional_graph(
+            model, inputs, lambda layer, *a, **k: self.call(layer, a, k, prefix)
         )
 
     def call(self, layer: keras.layers.Layer, args: tuple, kwargs: dict, prefix: str) -> Any:
         path = f"{prefix}{layer.name}"
-        if _is_expandable(layer):
+        if is_expandable(layer):
             inner_inputs = args[0] if len(args) == 1 else list(args)
             y = self.run(layer, inner_inputs, prefix=f"{path}/")
         else:
@@ -445,7 +402,7 @@ def _check_model(model: Any) -> None:
         raise UnsupportedModelError(
             f"`model` must be a keras.Model. Received: model={type(model).__name__}."
         )
-    if not _is_expandable(model):
+    if not is_expandable(model):
         raise UnsupportedModelError(
             f"Model {model.name!r} is a subclassed keras.Model ({type(model).__name__}); "
             "its call() hides the inner layers Grad-CAM needs. Build it as a functional "
@@ -508,7 +465,7 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
         for p in rewiring.order
         if _is_spatial(rewiring.outputs[p][0])
         and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
-        and not _is_expandable(rewiring.layers[p])
+        and not is_expandable(rewiring.layers[p])
     ]
     if not candidates:
         raise NotSpatialError(

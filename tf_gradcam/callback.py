@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import reprlib
 import unicodedata
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_gradcam.gradcam import GradCAM
+from tf_gradcam.errors import InputError
+from tf_gradcam.gradcam import GradCAM, _check_integer_cast
 from tf_gradcam.guided import GuidedGradCAM
 from tf_gradcam.image import normalize_gradients, overlay
 from tf_gradcam.targets import TopK
@@ -149,14 +152,30 @@ class GradCAMCallback(keras.callbacks.Callback):
         strict: re-raise exceptions raised inside the callback instead of
             warning. By default an error becomes a `RuntimeWarning` naming its
             cause, and after `MAX_FAILURES` consecutive errors the callback
-            disables itself until the next `fit`.
+            disables itself until the next `fit`. With `strict=True`, images
+            the model cannot take raise an `InputError` in `on_train_begin`,
+            and a lost event file an `OSError`.
 
     Raises:
+        InputError: (a `ValueError`) `images` that no model could explain or
+            no panel show: not numbers (strings, objects), NaN or infinite
+            values in the images kept, not of rank 4, no image, a zero
+            height, width or channel count, 2 channels, or images of
+            different shapes (a ragged list or dataset).
         ValueError: an argument of the wrong form or value, regions that do
             not match the images, `target="true"` without labels, a `TopK`
             target (log one class per image), or `class_names` that are not
             non-empty strings or name fewer classes than `target` or the
             labels use.
+
+    Images the model cannot take (other channels, another size, a model of
+    several inputs, floats for an integer input) are found at the start of
+    each `fit`: one `UserWarning` names the problem and the callback stays
+    disabled for that `fit`; training goes on. If the event file stops
+    taking writes (its folder or the file deleted or replaced, a full disk;
+    TensorFlow's writer reports only the last), one `RuntimeWarning` names
+    the folder and the reason, and the callback writes nothing more to
+    TensorBoard in that `fit`; region masses still reach `logs`.
 
     Example:
         >>> cam_logger = tf_gradcam.GradCAMCallback(
@@ -197,6 +216,7 @@ class GradCAMCallback(keras.callbacks.Callback):
             labels = None if labels is None else labels[:max_images]
             if _is_per_image(target):
                 target = np.asarray(target)[:max_images]
+        _check_finite(sample)
         self.images = sample
         self.labels = labels
         self.log_dir = str(log_dir)
@@ -218,6 +238,10 @@ class GradCAMCallback(keras.callbacks.Callback):
         self._explainer: Any = None
         self._explained_model: keras.Model | None = None
         self._writer: Any = None
+        self._writer_lost = False
+        self._event_suffix = ""
+        self._event_file: str | None = None
+        self._event_size = 0
         self._failures = 0
         self._disabled = False
         self._step = 0
@@ -233,7 +257,9 @@ class GradCAMCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._failures = 0
         self._disabled = False
+        self._writer_lost = False
         self._step = self._guarded("on_train_begin", self._optimizer_steps) or 0
+        self._guarded("on_train_begin", self._check_model_inputs)
         self._guarded("on_train_begin", self._check_class_count)
 
     def on_train_end(self, logs: dict | None = None) -> None:
@@ -283,6 +309,22 @@ class GradCAMCallback(keras.callbacks.Callback):
         self._failures = 0
         return result
 
+    def _check_model_inputs(self) -> None:
+        """Disable the callback for this fit (or raise, if `strict`) when the model cannot
+        take its images: wrong channels, size, number of inputs or integer dtype."""
+        problem = _input_mismatch(self.model, self.images)
+        if problem is None:
+            return
+        if self.strict:
+            raise InputError(problem)
+        self._disabled = True
+        warnings.warn(
+            f"GradCAMCallback is disabled for this fit: {problem} Training continues without "
+            "Grad-CAM logs.",
+            UserWarning,
+            stacklevel=2,
+        )
+
     def _check_class_count(self) -> None:
         """Warn when `class_names` does not name every class of a single-output model."""
         outputs = getattr(self.model, "outputs", None)
@@ -311,10 +353,25 @@ class GradCAMCallback(keras.callbacks.Callback):
         return self._explainer
 
     @property
+    def run_dir(self) -> str:
+        """The folder of this callback's event files: `log_dir/gradcam`."""
+        return os.path.join(self.log_dir, RUN_NAME)
+
+    @property
     def writer(self) -> Any:
-        """The summary writer of `log_dir/gradcam`, created on first use."""
+        """The summary writer of `log_dir/gradcam`, created on first use.
+
+        Its event file's name ends with a suffix of its own, so that the file it
+        writes can be found and watched (see `_event_file_problem`).
+        """
         if self._writer is None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, RUN_NAME))
+            suffix = f".{uuid.uuid4().hex[:12]}.v2"
+            self._writer = tf.summary.create_file_writer(self.run_dir, filename_suffix=suffix)
+            self._event_suffix, self._event_file, self._event_size = suffix, None, 0
+            try:
+                self._event_file_problem()  # records the new file and its header's size
+            except (tf.errors.OpError, OSError):
+                pass
         return self._writer
 
     def _close_writer(self) -> None:
@@ -322,16 +379,84 @@ class GradCAMCallback(keras.callbacks.Callback):
             self._writer.close()
             self._writer = None
 
+    def _event_file_problem(self) -> str | None:
+        """Why the writer's event file did not take the last flush, or None if it did.
+
+        TensorFlow's writer reports no error when its folder or file is deleted or
+        replaced: it keeps writing to a file no name leads to, or to nothing. So,
+        after each flush, the event file must still be in the folder and larger
+        than before.
+        """
+        run_dir = self.run_dir
+        if not tf.io.gfile.exists(run_dir):
+            return "the folder no longer exists (deleted?)"
+        if not tf.io.gfile.isdir(run_dir):
+            return "the path is no longer a folder"
+        names = sorted(n for n in tf.io.gfile.listdir(run_dir) if n.endswith(self._event_suffix))
+        if not names:
+            if self._event_file is None:
+                return f"the event file (*{self._event_suffix}) was never created"
+            return f"its event file {os.path.basename(self._event_file)!r} was deleted"
+        path = os.path.join(run_dir, names[-1])
+        size = tf.io.gfile.stat(path).length
+        if path == self._event_file and size <= self._event_size:
+            return (
+                f"its event file {names[-1]!r} did not grow after a flush ({size} bytes; "
+                "replaced, or the disk is full?)"
+            )
+        self._event_file, self._event_size = path, size
+        return None
+
+    def _stop_writing(self, reason: str, error: BaseException | None = None) -> None:
+        """Give up the writer for the rest of this fit, with one warning (or raise, if strict)."""
+        self._writer_lost = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # the writer is broken already; its state does not matter
+                pass
+        kept = ", and the region masses still reach `logs`" if self.regions else ""
+        message = (
+            f"GradCAMCallback could not write TensorBoard events to {self.run_dir!r}: "
+            f"{reason}. Its TensorBoard logging stopped for the rest of this fit (the next fit "
+            f"opens a new event file); training continues{kept}."
+        )
+        if self.strict:
+            raise OSError(message) from error
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
     def _resolved_target(self) -> Any:
         return self.labels if isinstance(self.target, str) else self.target
 
     def _log(self, prefix: str, step: int, logs: dict | None) -> None:
-        """Explain the sample, write its summaries and add the masses to `logs`."""
+        """Explain the sample, write its summaries and add the masses to `logs`.
+
+        Once the event file is lost (`_stop_writing`), only the masses for `logs` are
+        computed.
+        """
+        if self._writer_lost and (logs is None or not self.regions):
+            return
         heatmaps, pictures, classes, scores = self.explainer(self.images, self._resolved_target())
         masses = {
             f"{_EPOCH_PREFIX}/{name}_mass": _region_mass(heatmaps, mask)
             for name, mask in self.regions.items()
         }
+        if not self._writer_lost:
+            self._write(prefix, step, pictures, classes, scores, masses)
+        if logs is not None:
+            logs.update(masses)
+
+    def _write(
+        self,
+        prefix: str,
+        step: int,
+        pictures: np.ndarray,
+        classes: Any,
+        scores: np.ndarray,
+        masses: dict[str, float],
+    ) -> None:
+        """Write one log's panels, table and masses; then check that they reached the file."""
         shown = min(self.max_images, len(pictures))
         width = len(str(shown - 1))
         layer = self.explainer.layer
@@ -343,21 +468,29 @@ class GradCAMCallback(keras.callbacks.Callback):
             about += "class and its pre-softmax score."
         else:
             about = f"{name} of sample image {{i}} at layer `{layer}`."
-        with self.writer.as_default():
-            for i in range(shown):
-                picture = pictures[i]
-                if self.annotate:
-                    lines = _caption(classes, scores, i, self.class_names)
-                    picture = compose_panel(picture, lines, colorbar=colorbar)
-                _write_image(f"{prefix}/image_{i:0{width}d}", picture, step, about.format(i=i))
-            table = _targets_table(classes, scores, shown, self.class_names)
-            _write_text(f"{prefix}/targets", table, step)
-            for key, value in masses.items():
-                tag = prefix + key[len(_EPOCH_PREFIX) :]
-                _write_scalar(tag, value, step)
-        self.writer.flush()
-        if logs is not None:
-            logs.update(masses)
+        panels = []
+        for i in range(shown):
+            picture = pictures[i]
+            if self.annotate:
+                lines = _caption(classes, scores, i, self.class_names)
+                picture = compose_panel(picture, lines, colorbar=colorbar)
+            panels.append(picture)
+        table = _targets_table(classes, scores, shown, self.class_names)
+        try:
+            writer = self.writer
+            with writer.as_default():
+                for i, picture in enumerate(panels):
+                    _write_image(f"{prefix}/image_{i:0{width}d}", picture, step, about.format(i=i))
+                _write_text(f"{prefix}/targets", table, step)
+                for key, value in masses.items():
+                    _write_scalar(prefix + key[len(_EPOCH_PREFIX) :], value, step)
+            writer.flush()
+            problem = self._event_file_problem()
+        except (tf.errors.OpError, OSError) as error:
+            self._stop_writing(_error_reason(error), error)
+            return
+        if problem is not None:
+            self._stop_writing(problem)
 
 
 # ------------------------------------------------------------------ explainers
@@ -499,65 +632,215 @@ def _check_class_names(
 
 
 def _take_sample(images: Any, max_images: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The fixed sample: `(images, labels or None)` as NumPy arrays."""
+    """The fixed sample: `(images, labels or None)` as NumPy arrays, checked (`_check_images`)."""
     if isinstance(images, tf.data.Dataset):
-        images, labels = _sample_dataset(images, max_images)
+        array, labels = _sample_dataset(images, max_images)
     elif isinstance(images, tuple):
         if len(images) not in (2, 3):
-            raise ValueError(
+            raise InputError(
                 "A tuple `images` must be (images, labels) or (images, labels, weights). "
-                f"Received a tuple of length {len(images)}."
+                f"Received: images=a tuple of length {len(images)}."
             )
-        images, labels = np.asarray(images[0]), np.asarray(images[1])
+        array, labels = _as_images(images[0]), np.asarray(images[1])
     elif isinstance(images, (np.ndarray, tf.Tensor, list)):
-        images, labels = np.asarray(images), None
+        array, labels = _as_images(images), None
     else:
-        raise ValueError(
+        raise InputError(
             "`images` must be an array (batch, height, width, channels), a tuple "
-            "(images, labels) or a tf.data.Dataset. Received: "
-            f"images of type {type(images).__name__}."
+            f"(images, labels) or a tf.data.Dataset. Received: images={reprlib.repr(images)} "
+            f"of type {type(images).__name__}."
+        )
+    _check_images(array)
+    if labels is not None:
+        labels = _class_indices(labels, len(array))
+    return array, labels
+
+
+def _describe(array: np.ndarray) -> str:
+    """`<dtype> array of shape <shape>`: how error messages show the images received."""
+    return f"{array.dtype} array of shape {array.shape}"
+
+
+def _as_images(value: Any) -> np.ndarray:
+    """`value` as one NumPy array; images of different shapes are an `InputError`."""
+    if isinstance(value, tf.Tensor):
+        return value.numpy()
+    try:
+        return np.asarray(value)
+    except ValueError as error:  # NumPy cannot stack a ragged list
+        raise InputError(
+            "`images` must be one batch of images of the same shape. Received: images=a list "
+            f"of {len(value)} items of shapes {_shapes(value)}. Resize them to one size "
+            "(e.g. the model's input size, with tf.image.resize) and stack them."
+        ) from error
+
+
+def _shapes(items: Sequence[Any], limit: int = 4) -> str:
+    """The distinct shapes of `items`, at most `limit` of them, in order of appearance."""
+    shapes: list[str] = []
+    for item in items:
+        try:
+            shape = str(tuple(np.shape(item)))
+        except ValueError:  # an item that is ragged itself
+            shape = "ragged"
+        if shape not in shapes:
+            shapes.append(shape)
+    more = ", ..." if len(shapes) > limit else ""
+    return "[" + ", ".join(shapes[:limit]) + more + "]"
+
+
+def _check_images(images: np.ndarray) -> None:
+    """Refuse, at construction, images no model could explain or no panel could show.
+
+    Numbers (bool, integer or float), rank 4, at least one image, height, width
+    and channels of at least 1, and 1 channel or 3 and more (an overlay shows
+    the first 3 as RGB; 2 channels cannot be shown). Non-finite values are
+    checked by `_check_finite`, on the images kept.
+    """
+    if images.dtype.kind not in "biuf":
+        raise InputError(
+            "`images` must hold numbers (float, integer or bool pixel values). Received: "
+            f"images={_describe(images)}. Convert them, e.g. with "
+            "np.asarray(images, dtype='float32')."
         )
     if images.ndim != 4:
-        raise ValueError(
-            "`images` must be a batch (batch, height, width, channels). Received shape "
-            f"{images.shape}."
+        hints = {
+            2: " For one grayscale image, use images[None, ..., None].",
+            3: " For one image (height, width, channels), add a batch axis: images[None]; for "
+            "a grayscale batch (batch, height, width), a channel axis: images[..., None].",
+            5: " Merge the batch axes, e.g. images.reshape(-1, *images.shape[-3:]).",
+        }
+        raise InputError(
+            "`images` must be a batch of images (batch, height, width, channels), of rank 4. "
+            f"Received: images={_describe(images)}, of rank {images.ndim}."
+            + hints.get(images.ndim, "")
         )
-    if len(images) == 0:
-        raise ValueError(f"`images` holds no image. Received shape {images.shape}.")
-    if labels is not None:
-        labels = _class_indices(labels, len(images))
-    return images, labels
+    if images.shape[0] == 0:
+        raise InputError(
+            f"`images` must hold at least one image. Received: images={_describe(images)}."
+        )
+    if 0 in images.shape[1:]:
+        raise InputError(
+            "`images` must have a height, width and number of channels of at least 1. "
+            f"Received: images={_describe(images)}."
+        )
+    if images.shape[-1] == 2:
+        raise InputError(
+            "`images` must have 1 channel (grayscale) or 3 and more (the first 3 are shown as "
+            f"RGB); 2 channels cannot be shown. Received: images={_describe(images)}."
+        )
+
+
+def _check_finite(images: np.ndarray) -> None:
+    """Refuse images with NaN or infinite values (the images the callback keeps)."""
+    if images.dtype.kind != "f":
+        return
+    finite = np.isfinite(images)
+    if finite.all():
+        return
+    nan = int(np.isnan(images).sum())
+    inf = int(images.size - finite.sum()) - nan
+    bad = np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1))
+    which = ", ".join(str(i) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+    raise InputError(
+        "`images` must have finite values: Grad-CAM and the overlays need them. Received: "
+        f"images={_describe(images)} with {nan} NaN and {inf} infinite value(s), in image(s) "
+        f"{which}. Replace them (e.g. np.nan_to_num) or leave those images out."
+    )
+
+
+def _input_mismatch(model: Any, images: np.ndarray) -> str | None:
+    """Why `model` cannot take `images` (inputs, channels, size, integer dtype), or None.
+
+    None too when the model's inputs are unknown (a Sequential model without
+    `keras.Input`, a subclassed model): the engine checks the images then.
+    """
+    try:
+        inputs = list(model.inputs or [])
+    except (AttributeError, ValueError):
+        return None
+    if not inputs:
+        return None
+    name = getattr(model, "name", "model")
+    received = f"Received: images={_describe(images)}"
+    if len(inputs) != 1:
+        shapes = [tuple(x.shape) for x in inputs]
+        return (
+            f"model {name!r} takes {len(inputs)} inputs {shapes}; the callback explains "
+            f"models with one image input. {received}."
+        )
+    expected = tuple(inputs[0].shape)
+    if len(expected) != 4:
+        return (
+            f"model {name!r} takes inputs of shape {expected}, not images (batch, height, "
+            f"width, channels). {received}."
+        )
+    if expected[-1] is not None and expected[-1] != images.shape[-1]:
+        return (
+            f"model {name!r} expects {expected[-1]} channels (input shape {expected}), the "
+            f"images have {images.shape[-1]}. {received}. Pass images with the model's channels."
+        )
+    size = zip(expected[1:3], images.shape[1:3], strict=True)
+    if any(want is not None and want != got for want, got in size):
+        return (
+            f"model {name!r} expects images of {expected[1]}x{expected[2]} pixels (input shape "
+            f"{expected}). {received}. Resize them to the model's input size."
+        )
+    try:
+        _check_integer_cast(images, inputs[0])
+    except InputError as error:
+        return f"model {name!r}: {error} {received}."
+    return None
+
+
+def _error_reason(error: BaseException) -> str:
+    """`<type>: <first line of its message>`, without TensorFlow's `{{function_node ...}}`."""
+    message = getattr(error, "message", None) or str(error)
+    message = re.sub(r"\{\{[^}]*\}\}\s*", "", message).strip()
+    first = message.splitlines()[0].strip() if message else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _sample_dataset(dataset: tf.data.Dataset, count: int) -> tuple[np.ndarray, Any]:
     spec = dataset.element_spec
+    wrong = (
+        "A dataset must yield images or (images, labels[, weights]) tensors. Received: "
+        f"images=a tf.data.Dataset with element_spec={spec}."
+    )
     if isinstance(spec, tuple):
         if len(spec) not in (2, 3) or not isinstance(spec[0], tf.TensorSpec):
-            raise ValueError(
-                "A dataset must yield images or (images, labels[, weights]) tensors. "
-                f"Received element_spec={spec}."
-            )
+            raise InputError(wrong)
         image_spec = spec[0]
     elif isinstance(spec, tf.TensorSpec):
         image_spec = spec
     else:
-        raise ValueError(
-            "A dataset must yield images or (images, labels[, weights]) tensors. "
-            f"Received element_spec={spec}."
-        )
+        raise InputError(wrong)
     if image_spec.shape.rank == 4:
         dataset = dataset.unbatch()
     elif image_spec.shape.rank != 3:
-        raise ValueError(
+        raise InputError(
             "The dataset's images must be (height, width, channels) or batches of them. "
-            f"Received element_spec={spec}."
+            f"Received: images=a tf.data.Dataset with element_spec={spec}."
         )
     elements = list(dataset.take(count).as_numpy_iterator())
     if not elements:
-        raise ValueError("The dataset is empty; the callback needs images to explain.")
+        raise InputError(
+            "`images` must hold at least one image. Received: images=an empty tf.data.Dataset "
+            f"with element_spec={spec}."
+        )
+    pictures = [e[0] for e in elements] if isinstance(spec, tuple) else elements
+    try:
+        array = np.stack(pictures)
+    except ValueError as error:
+        raise InputError(
+            "`images` must be one batch of images of the same shape. Received: images=a "
+            f"tf.data.Dataset whose first {len(pictures)} images have shapes "
+            f"{_shapes(pictures)}. Resize them to one size in the dataset (e.g. with "
+            "tf.image.resize)."
+        ) from error
     if isinstance(spec, tuple):
-        return np.stack([e[0] for e in elements]), np.stack([e[1] for e in elements])
-    return np.stack(elements), None
+        return array, np.stack([e[1] for e in elements])
+    return array, None
 
 
 def _class_indices(labels: np.ndarray, count: int) -> np.ndarray:

@@ -224,7 +224,7 @@ def test_no_retrace_on_repeated_calls(images, cnn):
 
 def test_new_callable_each_call_is_bounded_and_warned(images, cnn, monkeypatch):
     """Inline lambdas recompile; the explainer keeps a bounded number of steps and warns once."""
-    monkeypatch.setattr(tf_gradcam.gradcam, "_MAX_COMPILED_STEPS", 4)
+    monkeypatch.setattr(tf_gradcam.engine, "_MAX_COMPILED_STEPS", 4)
     cam = GradCAM(cnn)
     limit = 4
     with pytest.warns(RuntimeWarning, match="define the target function once"):

@@ -90,3 +90,17 @@ def test_plot_layers_writes_one_row_per_image(tmp_path, images):
     assert len(figure.axes) == 2 * (len(results) + 1)
     with pytest.raises(ValueError, match="TopK"):
         plot_layers(images, explain_layers(model, images, target=TopK(2)))
+
+
+def test_wrong_length_targets_inside_tf_function_are_named(cnn, images):
+    """MultiLayerGradCAM runs through the engine's one `_run`: the same target checks."""
+    import tensorflow as tf
+
+    cams = MultiLayerGradCAM(cnn, ["conv1", "last_conv"])
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 16, 16, 3))])
+    def dynamic(batch):
+        return cams.compute(batch, target=[0, 1, 2])["last_conv"].heatmaps
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gives 3 classes but the batch"):
+        dynamic(tf.constant(images))

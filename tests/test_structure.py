@@ -67,3 +67,16 @@ def test_the_relu_rules_are_a_leaf_below_the_engine():
     assert graph["relu_rules"] <= {"errors", "keras_adapter", "submodel"}
     assert graph["keras_adapter"] == set()
     assert "guided" not in graph["gradcam"]
+
+
+def test_methods_are_siblings_over_one_engine():
+    """GradCAM, MultiLayerGradCAM and the input-gradient engine share the Engine, not GradCAM."""
+    from tf_gradcam.engine import Engine
+    from tf_gradcam.gradcam import GradCAM
+    from tf_gradcam.guided import _InputGradients
+    from tf_gradcam.layerwise import MultiLayerGradCAM
+
+    for method in (GradCAM, MultiLayerGradCAM, _InputGradients):
+        assert issubclass(method, Engine)
+    for sibling in (MultiLayerGradCAM, _InputGradients):
+        assert not issubclass(sibling, GradCAM)

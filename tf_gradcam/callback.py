@@ -29,8 +29,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_gradcam.engine import check_integer_cast
 from tf_gradcam.errors import InputError
-from tf_gradcam.gradcam import GradCAM, _check_integer_cast
+from tf_gradcam.gradcam import GradCAM
 from tf_gradcam.guided import GuidedGradCAM
 from tf_gradcam.image import normalize_gradients, overlay
 from tf_gradcam.targets import TopK
@@ -787,7 +788,7 @@ def _input_mismatch(model: Any, images: np.ndarray) -> str | None:
             f"{expected}). {received}. Resize them to the model's input size."
         )
     try:
-        _check_integer_cast(images, inputs[0])
+        check_integer_cast(images, inputs[0])
     except InputError as error:
         return f"model {name!r}: {error} {received}."
     return None

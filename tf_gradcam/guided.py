@@ -31,6 +31,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_gradcam.engine import Engine, score_columns
 from tf_gradcam.errors import NoGradientError
 from tf_gradcam.gradcam import Explanation, GradCAM
 from tf_gradcam.relu_rules import (
@@ -41,7 +42,7 @@ from tf_gradcam.relu_rules import (
     guided_relu,
     true_relu_gradients,
 )
-from tf_gradcam.submodel import GradientModel, build_gradient_model
+from tf_gradcam.submodel import CallOverride, build_gradient_model
 from tf_gradcam.targets import Target, TargetSpec
 
 __all__ = [
@@ -116,21 +117,32 @@ def _input_gradients(tape: tf.GradientTape, columns: list, image: tf.Tensor) -> 
     return tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
 
 
-class _InputGradients(GradCAM):
-    """The engine's inputs and targets, with gradients taken w.r.t. the image input.
+class _InputGradients(Engine):
+    """∂y^c/∂x with respect to the image input, through the model's (modified) ReLUs.
 
-    Reuses `GradCAM`'s input checks, target resolution and compiled step cache;
+    A method over the shared engine (input checks, targets, compiled steps);
     its gradient model exposes no layer.
     """
 
-    def _build_gradient_model(self, sample_shape: tuple[int, ...] | None) -> GradientModel:
-        return build_gradient_model(
-            self.model,
-            None,
-            logits=self.logits,
-            expose_layer=False,
-            call_override=self._call_override,
-            sample_shape=sample_shape,
+    def __init__(
+        self,
+        model: keras.Model,
+        *,
+        logits: bool = True,
+        output: int | str | None = None,
+        call_override: CallOverride | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            lambda sample_shape: build_gradient_model(
+                model,
+                None,
+                logits=logits,
+                expose_layer=False,
+                call_override=call_override,
+                sample_shape=sample_shape,
+            ),
+            output=output,
         )
 
     def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
@@ -139,7 +151,7 @@ class _InputGradients(GradCAM):
             tape.watch(image)
             _, outputs = self.gradient_model(inputs)
             scores, resolved = self.target_scores(outputs, classes, spec)
-            columns = [scores] if spec.k == 1 else [scores[:, j] for j in range(spec.k)]
+            columns = score_columns(scores, spec)
         gradients = _input_gradients(tape, columns, image)
         del tape
         if spec.kind != "top_k":
@@ -156,7 +168,7 @@ class _FusedGradCAM(GradCAM):
 
     The gradient model already runs the modified ReLUs (their forward is the
     plain one). Grad-CAM's gradients are taken with the true ReLU backward
-    (`_true_relu_gradients`), the input gradients, from an outer tape over the
+    (`true_relu_gradients`), the input gradients, from an outer tape over the
     same forward pass, with the guided/deconv backward.
     """
 

@@ -26,8 +26,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_gradcam.engine import Engine, score_columns
 from tf_gradcam.errors import LayerNotFoundError, NoGradientError, NotSpatialError
-from tf_gradcam.gradcam import Explanation, GradCAM
+from tf_gradcam.gradcam import Explanation, _GradCAMSteps
 from tf_gradcam.image import overlay
 from tf_gradcam.keras_adapter import is_expandable
 from tf_gradcam.submodel import (
@@ -37,7 +38,7 @@ from tf_gradcam.submodel import (
     image_of,
     image_size,
 )
-from tf_gradcam.targets import Target, TargetSpec, resolve_target
+from tf_gradcam.targets import Target, TargetSpec
 
 __all__ = ["MultiLayerGradCAM", "explain_layers", "plot_layers"]
 
@@ -126,12 +127,13 @@ class _LayersModel:
         return values[:count], outputs
 
 
-class MultiLayerGradCAM(GradCAM):
+class MultiLayerGradCAM(_GradCAMSteps, Engine):
     """Grad-CAM for several layers of a model at once (Appendix B.1, Fig. 13).
 
     Every layer's map is exactly `GradCAM(model, layer, **options)`'s, but
     all layers share one forward and one backward pass, compiled once per
-    image size and target kind, as in `GradCAM`.
+    image size and target kind, as in `GradCAM`. A sibling of `GradCAM` over
+    the same engine, with the same Grad-CAM steps and options.
 
     Args:
         model: a Functional or Sequential `keras.Model` (nested models are fine).
@@ -139,9 +141,15 @@ class MultiLayerGradCAM(GradCAM):
             `Layer`; `None` (the default) takes every layer with a 4-D output
             that is called once, in call order, without the input layers and
             without nested models themselves (their inner layers are listed).
-        **options: the keyword options of `GradCAM` (`pooling`, `relu`,
-            `counterfactual`, `absolute_gradients`, `logits`, `output`,
-            `call_override`), applied to every layer.
+        pooling: `"mean"` (eq. 1) or `"max"` pooling of the gradients.
+        relu: apply the ReLU of eq. 2.
+        counterfactual: negate the gradients (§3.3).
+        absolute_gradients: pool `|∂y^c/∂A|` instead of the gradients.
+        logits: explain the score before a trailing softmax/sigmoid.
+        output: for multi-output models, which output class targets index.
+        call_override: advanced: replaces layer calls in the gradient graph.
+        relu_gradients: `"guided"` or `"deconv"` backward rule for every ReLU.
+        jit_compile: compile the step with XLA.
 
     Raises:
         LayerNotFoundError: a layer is unknown, ambiguous or shared.
@@ -159,20 +167,29 @@ class MultiLayerGradCAM(GradCAM):
         self,
         model: keras.Model,
         layers: Sequence[LayerArgument] | LayerArgument | None = None,
-        **options: Any,
+        *,
+        pooling: str = "mean",
+        relu: bool = True,
+        counterfactual: bool = False,
+        absolute_gradients: bool = False,
+        logits: bool = True,
+        output: int | str | None = None,
+        call_override: Any = None,
+        relu_gradients: str | None = None,
+        jit_compile: bool = False,
     ) -> None:
-        if "layer" in options:
-            raise TypeError("MultiLayerGradCAM takes `layers` (a list), not `layer`.")
+        call_override = self._set_options(
+            model, pooling, relu, counterfactual, absolute_gradients, call_override, relu_gradients
+        )
+        self.logits = logits
         self._layers_argument = layers
-        super().__init__(model, None, **options)
-
-    def _build_gradient_model(self, sample_shape: tuple[int, ...] | None) -> _LayersModel:
-        return _LayersModel(
-            self.model,
-            self._layers_argument,
-            logits=self.logits,
-            call_override=self._call_override,
-            sample_shape=sample_shape,
+        super().__init__(
+            model,
+            lambda sample_shape: _LayersModel(
+                model, layers, logits=logits, call_override=call_override, sample_shape=sample_shape
+            ),
+            output=output,
+            jit_compile=jit_compile,
         )
 
     @property
@@ -186,7 +203,7 @@ class MultiLayerGradCAM(GradCAM):
             activations, outputs = gradient_model(inputs)
             tape.watch(activations)
             scores, resolved = self.target_scores(outputs, classes, spec)
-            columns = [scores] if spec.k == 1 else [scores[:, j] for j in range(spec.k)]
+            columns = score_columns(scores, spec)
         # one backward pass per target column, reaching every layer at once
         per_column = [tape.gradient(column, activations) for column in columns]
         del tape
@@ -234,14 +251,7 @@ class MultiLayerGradCAM(GradCAM):
         Example:
             >>> heat = cams.compute(x, target=3)["last_conv"].heatmaps
         """
-        inputs = self._prepare(images)
-        first = keras.tree.flatten(inputs)[0]
-        batch = first.shape[0]
-        spec = resolve_target(target, batch, self._num_classes())
-        classes = tf.constant(spec.classes)
-        if batch is None:  # graph mode with an unknown batch size
-            classes = tf.broadcast_to(classes, tf.shape(first)[:1])
-        per_layer = self._function(inputs, spec)(inputs, classes)
+        per_layer, spec = self._run(images, target)
         explanations = {}
         for path, result in per_layer.items():  # the step already dropped the k axis
             explanations[path] = Explanation(

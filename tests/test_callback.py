@@ -182,7 +182,7 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     callback = GradCAMCallback(
         (x[:8], y[:8]),
         log_dir=log_dir,
-        target="true",
+        target="labels",
         max_images=3,
         regions=regions,
         update_freq=3,
@@ -604,7 +604,7 @@ with strategy.scope():
 rng = np.random.default_rng(0)
 x, y = rng.random((64, 16, 16, 3), dtype=np.float32), rng.integers(0, 3, 64)
 callback = GradCAMCallback(
-    (x[:4], y[:4]), log_dir=sys.argv[1], target="true", update_freq=2, strict=True,
+    (x[:4], y[:4]), log_dir=sys.argv[1], target="labels", update_freq=2, strict=True,
     regions={"cue": np.array([0, 0, 5, 5])},
 )
 history = model.fit(x, y, epochs=2, batch_size=16, callbacks=[callback], verbose=0)
@@ -638,7 +638,7 @@ def test_dataset_sample_with_one_hot_labels(data):
     """A batched (images, one-hot labels) dataset is sampled to max_images images and indices."""
     x, y = data
     dataset = tf.data.Dataset.from_tensor_slices((x, np.eye(3, dtype=np.float32)[y])).batch(4)
-    callback = GradCAMCallback(dataset, target="true", max_images=6)
+    callback = GradCAMCallback(dataset, target="labels", max_images=6)
     np.testing.assert_array_equal(callback.images, x[:6])
     np.testing.assert_array_equal(callback.labels, y[:6])
     unbatched = GradCAMCallback(tf.data.Dataset.from_tensor_slices(x).repeat(), max_images=2)
@@ -666,7 +666,7 @@ def test_boxes_and_masks_give_the_same_region():
         ({"update_freq": 0}, "Received: update_freq=0"),
         ({"max_images": 0}, "Received: max_images=0"),
         ({"target": TopK(2)}, "TopK"),
-        ({"target": "true"}, "needs labels"),
+        ({"target": "labels"}, "needs labels"),
         ({"target": [0, 1]}, "gives 2 classes for 4 images"),
         ({"regions": {"cue": np.zeros((3, SIZE, SIZE))}}, "Received shape (3, 16, 16)"),
         ({"regions": {"a cue": np.zeros((SIZE, SIZE))}}, "Region names"),
@@ -687,10 +687,10 @@ def test_bad_arguments_raise_at_construction(data, kwargs, message):
 
 
 def test_class_names_must_name_every_label(data):
-    """target='true' with a label beyond class_names is refused at construction."""
+    """target='labels' with a label beyond class_names is refused at construction."""
     x = data[0]
     labels = np.full(4, 2)
     with pytest.raises(ValueError, match=re.escape("The labels give class 2,")):
-        GradCAMCallback((x[:4], labels), target="true", class_names=["cat", "dog"])
-    callback = GradCAMCallback((x[:4], labels), target="true", class_names=list(CLASS_NAMES))
+        GradCAMCallback((x[:4], labels), target="labels", class_names=["cat", "dog"])
+    callback = GradCAMCallback((x[:4], labels), target="labels", class_names=list(CLASS_NAMES))
     assert callback.class_names == CLASS_NAMES

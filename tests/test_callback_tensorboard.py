@@ -119,7 +119,7 @@ def run(tmp_path_factory) -> SimpleNamespace:
     callback = GradCAMCallback(
         (x[:8], y[:8]),
         log_dir=log_dir,
-        target="true",
+        target="labels",
         max_images=SHOWN,
         regions={"cue": np.array([0, 0, 5, 5]), "object": centre},
         update_freq=3,

@@ -41,3 +41,28 @@ def test_topk_needs_a_positive_int(k):
     """TopK(k) refuses k that is not a positive integer."""
     with pytest.raises(TargetError, match="positive integer"):
         TopK(k)
+
+
+def test_one_labels_sentinel_and_the_old_name_warns():
+    """`"labels"` is the one sentinel; the callback's former `"true"` maps to it with a warning."""
+    import warnings
+
+    from tf_gradcam.targets import LABELS, labels_target
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert labels_target("labels") == LABELS == "labels"
+        assert labels_target(3) == 3
+    with pytest.warns(DeprecationWarning, match='use target="labels"'):
+        assert labels_target("true") == LABELS
+
+
+def test_labels_become_classes_by_one_definition():
+    """Integer, whole-float, (n, 1) and one-hot labels give the same classes; soft rows refused."""
+    from tf_gradcam.targets import classes_from_labels
+
+    expected = np.array([2, 0, 1])
+    for labels in (expected, expected.astype(float), expected[:, None], np.eye(3)[expected]):
+        np.testing.assert_array_equal(classes_from_labels(labels), expected)
+    with pytest.raises(TargetError, match="one-hot rows"):
+        classes_from_labels(np.full((3, 3), 1 / 3))

@@ -34,7 +34,7 @@ from tf_gradcam.errors import InputError
 from tf_gradcam.gradcam import GradCAM
 from tf_gradcam.guided import GuidedGradCAM
 from tf_gradcam.image import normalize_gradients, overlay
-from tf_gradcam.targets import TopK
+from tf_gradcam.targets import LABELS, TopK, classes_from_labels, labels_target
 
 __all__ = ["GradCAMCallback", "caption_strip", "compose_panel"]
 
@@ -118,8 +118,9 @@ class GradCAMCallback(keras.callbacks.Callback):
         log_dir: directory of the TensorBoard logs, as for
             `keras.callbacks.TensorBoard`.
         target: which class to explain: `None` (the predicted class, chosen
-            again at each log), `"true"` (the labels given with `images`),
-            an int (that class for every image), one int per image, or a
+            again at each log), `"labels"` (the labels given with `images`;
+            `"true"`, its former name, is deprecated), an int (that class for
+            every image), one int per image, or a
             callable `outputs -> (batch,)` score (see `tf_gradcam.targets`).
         layer: the convolutional layer to explain (name, `"outer/inner"`
             path, `Layer` or `None` for the last 4-D layer).
@@ -164,7 +165,7 @@ class GradCAMCallback(keras.callbacks.Callback):
             height, width or channel count, 2 channels, or images of
             different shapes (a ragged list or dataset).
         ValueError: an argument of the wrong form or value, regions that do
-            not match the images, `target="true"` without labels, a `TopK`
+            not match the images, `target="labels"` without labels, a `TopK`
             target (log one class per image), or `class_names` that are not
             non-empty strings or name fewer classes than `target` or the
             labels use.
@@ -180,7 +181,7 @@ class GradCAMCallback(keras.callbacks.Callback):
 
     Example:
         >>> cam_logger = tf_gradcam.GradCAMCallback(
-        ...     (x_val[:64], y_val[:64]), log_dir="logs", target="true",
+        ...     (x_val[:64], y_val[:64]), log_dir="logs", target="labels",
         ...     class_names=["doctor", "nurse"],
         ...     regions={"cue": cue_masks, "object": object_boxes})
         >>> stop = keras.callbacks.EarlyStopping(
@@ -210,6 +211,7 @@ class GradCAMCallback(keras.callbacks.Callback):
         if not isinstance(annotate, (bool, np.bool_)):
             raise ValueError(f"`annotate` must be True or False. Received: annotate={annotate!r}.")
         sample, labels = _take_sample(images, max_images)
+        target = labels_target(target)
         _check_target(target, labels, len(sample))
         names = _check_class_names(class_names, target, labels)
         if regions is None:
@@ -581,14 +583,14 @@ def _check_target(target: Any, labels: np.ndarray | None, count: int) -> None:
             f"target={target!r}. Log one class with an int, or several callbacks."
         )
     if isinstance(target, str):
-        if target != "true":
+        if target != LABELS:
             raise ValueError(
-                "`target` must be None, 'true', an int, one int per image or a callable. "
+                "`target` must be None, 'labels', an int, one int per image or a callable. "
                 f"Received: target={target!r}."
             )
         if labels is None:
             raise ValueError(
-                "target='true' needs labels: pass `images` as a tuple (images, labels) or "
+                "target='labels' needs labels: pass `images` as a tuple (images, labels) or "
                 "a tf.data.Dataset yielding (images, labels). Received images without labels."
             )
     elif _is_per_image(target) and len(target) != count:
@@ -845,16 +847,14 @@ def _sample_dataset(dataset: tf.data.Dataset, count: int) -> tuple[np.ndarray, A
 
 
 def _class_indices(labels: np.ndarray, count: int) -> np.ndarray:
-    """Class indices `(batch,)` from indices, `(batch, 1)` indices or one-hot rows."""
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        labels = labels.argmax(axis=1)
-    labels = labels.reshape(len(labels), -1)
-    if labels.shape != (count, 1):
+    """Class indices `(batch,)` from labels (`tf_gradcam.targets.classes_from_labels`)."""
+    classes = classes_from_labels(labels)
+    if classes.shape != (count,):
         raise ValueError(
             f"Labels must give one class per image ({count} images). Received labels of "
-            f"shape {labels.shape}."
+            f"shape {np.shape(labels)}."
         )
-    return labels[:, 0].astype(np.int32)
+    return classes
 
 
 def _region_masks(regions: dict[str, Any] | None, shape: tuple[int, ...]) -> dict:

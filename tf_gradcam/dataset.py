@@ -43,14 +43,22 @@ import tensorflow as tf
 
 from tf_gradcam.errors import InputError, TargetError
 from tf_gradcam.gradcam import Explanation, GradCAM
-from tf_gradcam.targets import Target, TargetSpec, resolve_target
+from tf_gradcam.targets import (
+    LABELS,
+    Target,
+    TargetSpec,
+    check_label_kind,
+    classes_from_labels,
+    labels_target,
+    require_labels,
+    resolve_target,
+)
 
 __all__ = ["DatasetSummary", "ExplainedBatch", "explain_dataset", "iter_shards"]
 
 #: The `Explanation` fields that can be saved to shards.
 FIELDS = ("heatmaps", "maps", "raw_maps", "weights", "scores", "classes", "degenerate")
 _DEFAULT_FIELDS = ("heatmaps", "maps", "scores", "classes", "degenerate")
-_LABELS = "labels"
 # The only names this module writes, reads back or deletes: gradcam-<worker>-<batch>.npz,
 # and, while a shard is being written, .gradcam-<worker>-<batch>.npz.<pid>.tmp.
 _SHARD_NAME = re.compile(r"gradcam-(\d{3,})-(\d{6,})\.npz")
@@ -189,6 +197,7 @@ def explain_dataset(
     _check_steps(steps)
     cam = _explainer(model, layer, options)
     fields = _check_fields(fields)
+    target = labels_target(target)
     _check_target(target)
     if isinstance(data, list):  # a list of images
         data = np.asarray(data)
@@ -431,7 +440,7 @@ def _check_image_shape(cam: GradCAM, images: Any, batched: bool) -> None:
 
 def _check_labels_spec(labels: Any, batched: bool) -> None:
     """The dtype and rank of labels used as targets, from an array or a TensorSpec."""
-    _require_labels(labels)
+    require_labels(labels)
     leaves = keras.tree.flatten(labels)
     if len(leaves) != 1:
         raise TargetError(
@@ -441,7 +450,7 @@ def _check_labels_spec(labels: Any, batched: bool) -> None:
     leaf = leaves[0]
     shape = tuple(leaf.shape)
     rank = len(shape) + (0 if batched else 1)
-    _check_label_kind(_dtype_kind(leaf.dtype), _dtype_name(leaf.dtype), shape, rank, batched)
+    check_label_kind(_dtype_kind(leaf.dtype), _dtype_name(leaf.dtype), shape, rank, batched)
 
 
 def _dtype_kind(dtype: Any) -> str:
@@ -453,26 +462,6 @@ def _dtype_kind(dtype: Any) -> str:
 
 def _dtype_name(dtype: Any) -> str:
     return dtype.name if isinstance(dtype, tf.DType) else str(np.dtype(dtype))
-
-
-def _check_label_kind(kind: str, dtype: str, shape: tuple, rank: int, batched: bool) -> None:
-    per = "" if batched else " per element"
-    received = f"Received: labels of dtype {dtype}, shape {shape}{per}"
-    if kind not in "iuf":
-        fix = (
-            "Map string labels to class indices first (e.g. with keras.layers.StringLookup)"
-            if kind in "USOa"
-            else "Cast them to integer class indices (e.g. labels.astype('int32'))"
-        )
-        raise TargetError(
-            '`target="labels"` needs numeric labels: class indices, shape (batch,), or '
-            f"one-hot rows, shape (batch, classes). {received}. {fix}, or pass target=None."
-        )
-    if rank not in (1, 2):
-        raise TargetError(
-            '`target="labels"` needs class indices, shape (batch,), or one-hot rows, shape '
-            f"(batch, classes). {received}. Reshape the labels to one of those."
-        )
 
 
 def _worker_index(strategy: tf.distribute.Strategy | None) -> int:
@@ -554,7 +543,7 @@ def _cardinality(cam: GradCAM, data: Any, batch_size: int, steps: int | None) ->
 
 def _check_target(target: Any) -> None:
     if isinstance(target, str):
-        if target != _LABELS:
+        if target != LABELS:
             raise TargetError(
                 f'`target` may be the string "labels" (each image\'s label) and no other. '
                 f"Received: target={target!r}."
@@ -597,14 +586,6 @@ def _batched_dataset(cam: GradCAM, dataset: tf.data.Dataset, batch_size: int) ->
     return dataset
 
 
-def _require_labels(labels: Any) -> None:
-    if labels is None:
-        raise TargetError(
-            '`target="labels"` needs data with labels: elements (images, labels) or '
-            "(images, labels, extras)."
-        )
-
-
 def _batch_length(images: Any) -> int:
     return len(keras.tree.flatten(images)[0])
 
@@ -620,58 +601,6 @@ def _check_batch_labels(labels: Any, count: int, number: int) -> None:
                 f"one label per image. Received: labels of shape {np.shape(leaf)}. Zip "
                 "images and labels before batching them (or batch both by the same size)."
             )
-
-
-def _classes_from_labels(labels: Any, num_classes: int | None = None) -> Any:
-    """Class indices `(batch,)` from integer (or whole float) labels or one-hot rows.
-
-    Graph tensors (inside the replicas) are converted without checks: the same
-    labels were checked on the host, as NumPy, before the replicas ran.
-    """
-    _require_labels(labels)
-    if isinstance(labels, tf.Tensor) and not tf.executing_eagerly():
-        if labels.shape.rank == 2 and labels.shape[-1] != 1:
-            return tf.cast(tf.argmax(labels, axis=-1), tf.int32)
-        return tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    array = np.asarray(labels)
-    received = f"Received: labels of dtype {array.dtype}, shape {array.shape}"
-    _check_label_kind(array.dtype.kind, str(array.dtype), array.shape, array.ndim, True)
-    if array.ndim == 2 and array.shape[-1] == 1:
-        array = array[:, 0]
-    if array.ndim == 2:
-        if num_classes is not None and array.shape[-1] != num_classes:
-            raise TargetError(
-                f"One-hot labels must have one column per class of the model ({num_classes}). "
-                f"{received}. Pass class indices instead, or explain the output the labels "
-                "belong to."
-            )
-        one_hot = np.all((array == 0) | (array == 1), axis=-1) & (array.sum(axis=-1) == 1)
-        if not one_hot.all():
-            row = int(np.argmin(one_hot))
-            raise TargetError(
-                "Labels of shape (batch, classes) must be one-hot rows (a single 1, the rest "
-                f"0); row {row} is {np.array2string(array[row], precision=3)}. {received}. "
-                "For soft or smoothed labels pass the class indices, e.g. labels.argmax(-1)."
-            )
-        array = np.argmax(array, axis=-1)
-    elif array.dtype.kind == "f":
-        whole = np.isfinite(array) & (array == np.round(array))
-        if not whole.all():
-            value = float(array[int(np.argmin(whole))])
-            raise TargetError(
-                f"Float labels must hold whole class numbers (e.g. 2.0); found {value}. "
-                f"{received}. Pass integer class indices or one-hot rows."
-            )
-    classes = array.astype(np.int64)
-    if num_classes is not None and classes.size:
-        low, high = int(classes.min()), int(classes.max())
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise TargetError(
-                f"Label {bad} is out of range: the model's output has {num_classes} classes "
-                f"(valid labels 0..{num_classes - 1}). {received}."
-            )
-    return classes.astype(np.int32)
 
 
 def _local_batches(
@@ -695,14 +624,14 @@ def _local_batches(
             continue
         if _is_labels(target):
             num_classes = cam._num_classes() if cam._gradient_model is not None else None
-            batch_target = _classes_from_labels(labels, num_classes)
+            batch_target = classes_from_labels(labels, num_classes)
         else:
             batch_target = target
         yield positions, images, labels, extras, cam(images, batch_target)
 
 
 def _is_labels(target: Any) -> bool:
-    return isinstance(target, str) and target == _LABELS
+    return isinstance(target, str) and target == LABELS
 
 
 # ------------------------------------------------------ distributed batches
@@ -769,7 +698,7 @@ def _step_spec(cam: GradCAM, target: Any) -> TargetSpec:
 
 def _replica_classes(spec: TargetSpec, target: Any, labels: Any, batch: tf.Tensor) -> tf.Tensor:
     if _is_labels(target):
-        return tf.reshape(_classes_from_labels(labels), [-1])
+        return tf.reshape(classes_from_labels(labels), [-1])
     if spec.kind == "classes":
         return tf.fill([batch], tf.constant(int(spec.classes[0]), tf.int32))
     return tf.zeros([batch], tf.int32)
@@ -842,7 +771,7 @@ def _distributed_batches(
         local_labels = _numpy(_local_values(strategy, labels))
         _check_batch_labels(local_labels, _batch_length(local_images), number)
         if _is_labels(target):  # refuse bad labels here, with their values, not in the graph
-            _classes_from_labels(local_labels, num_classes)
+            classes_from_labels(local_labels, num_classes)
         result = distributed_step(element)
         local = {key: _local_values(strategy, value) for key, value in result.items()}
         explanation = cam._explanation(local, spec).numpy()

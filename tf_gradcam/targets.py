@@ -19,6 +19,7 @@ Class targets index the pre-softmax scores of the model's first output
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,113 @@ def resolve_target(target: Target, batch_size: int | None, num_classes: int | No
     classes = array.astype(np.int32)
     _check_class_range(classes, num_classes)
     return TargetSpec("classes", classes)
+
+
+# ---------------------------------------------------------------------------
+# Labels as targets: `target="labels"` in explain_dataset and GradCAMCallback
+# ---------------------------------------------------------------------------
+
+#: The target that explains each image's own label.
+LABELS = "labels"
+#: The callback's former name for it, accepted with a DeprecationWarning.
+_DEPRECATED_LABELS = "true"
+
+
+def labels_target(target: Any) -> Any:
+    """`target` with the deprecated `"true"` replaced by `"labels"` (warning once per call site).
+
+    Example:
+        >>> labels_target("true")  # DeprecationWarning
+        'labels'
+    """
+    if isinstance(target, str) and target == _DEPRECATED_LABELS:
+        warnings.warn(
+            'target="true" is deprecated; use target="labels" (each image\'s own label).',
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return LABELS
+    return target
+
+
+def check_label_kind(kind: str, dtype: str, shape: tuple, rank: int, batched: bool) -> None:
+    per = "" if batched else " per element"
+    received = f"Received: labels of dtype {dtype}, shape {shape}{per}"
+    if kind not in "iuf":
+        fix = (
+            "Map string labels to class indices first (e.g. with keras.layers.StringLookup)"
+            if kind in "USOa"
+            else "Cast them to integer class indices (e.g. labels.astype('int32'))"
+        )
+        raise TargetError(
+            '`target="labels"` needs numeric labels: class indices, shape (batch,), or '
+            f"one-hot rows, shape (batch, classes). {received}. {fix}, or pass target=None."
+        )
+    if rank not in (1, 2):
+        raise TargetError(
+            '`target="labels"` needs class indices, shape (batch,), or one-hot rows, shape '
+            f"(batch, classes). {received}. Reshape the labels to one of those."
+        )
+
+
+def require_labels(labels: Any) -> None:
+    if labels is None:
+        raise TargetError(
+            '`target="labels"` needs data with labels: elements (images, labels) or '
+            "(images, labels, extras)."
+        )
+
+
+def classes_from_labels(labels: Any, num_classes: int | None = None) -> Any:
+    """Class indices `(batch,)` from integer (or whole float) labels or one-hot rows.
+
+    Graph tensors (inside the replicas) are converted without checks: the same
+    labels were checked on the host, as NumPy, before the replicas ran.
+    """
+    require_labels(labels)
+    if isinstance(labels, tf.Tensor) and not tf.executing_eagerly():
+        if labels.shape.rank == 2 and labels.shape[-1] != 1:
+            return tf.cast(tf.argmax(labels, axis=-1), tf.int32)
+        return tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    array = np.asarray(labels)
+    received = f"Received: labels of dtype {array.dtype}, shape {array.shape}"
+    check_label_kind(array.dtype.kind, str(array.dtype), array.shape, array.ndim, True)
+    if array.ndim == 2 and array.shape[-1] == 1:
+        array = array[:, 0]
+    if array.ndim == 2:
+        if num_classes is not None and array.shape[-1] != num_classes:
+            raise TargetError(
+                f"One-hot labels must have one column per class of the model ({num_classes}). "
+                f"{received}. Pass class indices instead, or explain the output the labels "
+                "belong to."
+            )
+        one_hot = np.all((array == 0) | (array == 1), axis=-1) & (array.sum(axis=-1) == 1)
+        if not one_hot.all():
+            row = int(np.argmin(one_hot))
+            raise TargetError(
+                "Labels of shape (batch, classes) must be one-hot rows (a single 1, the rest "
+                f"0); row {row} is {np.array2string(array[row], precision=3)}. {received}. "
+                "For soft or smoothed labels pass the class indices, e.g. labels.argmax(-1)."
+            )
+        array = np.argmax(array, axis=-1)
+    elif array.dtype.kind == "f":
+        whole = np.isfinite(array) & (array == np.round(array))
+        if not whole.all():
+            value = float(array[int(np.argmin(whole))])
+            raise TargetError(
+                f"Float labels must hold whole class numbers (e.g. 2.0); found {value}. "
+                f"{received}. Pass integer class indices or one-hot rows."
+            )
+    classes = array.astype(np.int64)
+    if num_classes is not None and classes.size:
+        low, high = int(classes.min()), int(classes.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise TargetError(
+                f"Label {bad} is out of range: the model's output has {num_classes} classes "
+                f"(valid labels 0..{num_classes - 1}). {received}."
+            )
+    return classes.astype(np.int32)
 
 
 # ---------------------------------------------------------------------------

@@ -80,3 +80,14 @@ def test_methods_are_siblings_over_one_engine():
         assert issubclass(method, Engine)
     for sibling in (MultiLayerGradCAM, _InputGradients):
         assert not issubclass(sibling, GradCAM)
+
+
+def test_data_set_and_callback_use_only_the_engines_documented_members():
+    """`explain_dataset` builds on `built`, `build`, `num_classes`, `input_signature`,
+    `compiled_step` and `to_explanation`, never on an explainer's private members."""
+    import re
+
+    for name in ("dataset.py", "callback.py"):
+        text = (PACKAGE / name).read_text()
+        private = sorted(set(re.findall(r"\b(?:cam|explainer|engine)\._[a-z]\w*", text)))
+        assert private == [], f"{name}: {private}"

@@ -375,7 +375,7 @@ def _check_data(cam: GradCAM, data: Any, target: Any) -> None:
 
 
 def _model_shape(cam: GradCAM) -> tuple | None:
-    if cam._gradient_model is None:
+    if not cam.built:
         return None
     inputs = keras.tree.flatten(cam.gradient_model.inputs)
     return tuple(inputs[0].shape) if len(inputs) == 1 else None
@@ -520,7 +520,7 @@ def _image_rank(cam: GradCAM, images: Any) -> int:
 
 
 def _model_rank(cam: GradCAM) -> int | None:
-    if cam._gradient_model is None:  # a Sequential model without inputs: learnt on first call
+    if not cam.built:  # a Sequential model without inputs: learnt on first call
         return None
     return len(keras.tree.flatten(cam.gradient_model.inputs)[0].shape)
 
@@ -623,7 +623,7 @@ def _local_batches(
             yield positions, images, labels, extras, None
             continue
         if _is_labels(target):
-            num_classes = cam._num_classes() if cam._gradient_model is not None else None
+            num_classes = cam.num_classes
             batch_target = classes_from_labels(labels, num_classes)
         else:
             batch_target = target
@@ -690,7 +690,7 @@ def _with_positions(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _step_spec(cam: GradCAM, target: Any) -> TargetSpec:
-    num_classes = cam._num_classes()
+    num_classes = cam.num_classes
     if _is_labels(target):
         return resolve_target(np.zeros((1,), np.int32), None, num_classes)
     return resolve_target(target, None, num_classes)
@@ -729,16 +729,14 @@ def _distributed_batches(
 ) -> Iterator[tuple[np.ndarray, Any, Any, Any, Explanation]]:
     """Split each global batch across the replicas; return this worker's maps in order."""
     dataset = _as_dataset(cam, data, batch_size)
-    if cam._gradient_model is None:  # learn the input shape from one batch
-        cam._prepare(_numpy(_split(next(iter(dataset)))[0]))
+    if not cam.built:  # learn the input shape from one batch
+        cam.build(_numpy(_split(next(iter(dataset)))[0]))
     dataset = _with_positions(dataset)
-    signature = keras.tree.map_structure(
-        lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), cam.gradient_model.inputs
-    )
+    signature = cam.input_signature()
     spec = _step_spec(cam, target)
-    num_classes = cam._num_classes()
+    num_classes = cam.num_classes
     # the engine's compiled step for this target kind, traced once, outside the replicas
-    step = cam._function(signature, spec)
+    step = cam.compiled_step(signature, spec)
 
     def replica_fn(images: Any, labels: Any) -> dict:
         images = keras.tree.map_structure(lambda x, s: tf.cast(x, s.dtype), images, signature)
@@ -774,7 +772,7 @@ def _distributed_batches(
             classes_from_labels(local_labels, num_classes)
         result = distributed_step(element)
         local = {key: _local_values(strategy, value) for key, value in result.items()}
-        explanation = cam._explanation(local, spec).numpy()
+        explanation = cam.to_explanation(local, spec).numpy()
         yield (
             _numpy(_local_values(strategy, positions)),
             local_images,

@@ -97,6 +97,45 @@ class Engine:
         """The method's compiled step: a dict of `(batch, k, ...)` tensors."""
         raise NotImplementedError
 
+    # -------------------------------------------- for code building on the engine
+
+    @property
+    def built(self) -> bool:
+        """Whether the gradient model exists (see `build` for models without inputs)."""
+        return self._gradient_model is not None
+
+    def build(self, images: Any) -> None:
+        """Build the gradient model from a sample batch, if it is not built yet.
+
+        Args:
+            images: a batch shaped like those to explain (checked as in a call).
+
+        Raises:
+            InputError: the images do not fit the model.
+        """
+        if not self.built:
+            self._prepare(images)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Size of the class axis of the scored output, or `None` if it has none."""
+        return self._num_classes() if self.built else None
+
+    def input_signature(self) -> Any:
+        """`tf.TensorSpec`s of the model's inputs with a free batch axis, in their structure."""
+        return keras.tree.map_structure(
+            lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), self.gradient_model.inputs
+        )
+
+    def compiled_step(self, signature: Any, spec: TargetSpec) -> Callable:
+        """The compiled step `(inputs, classes) -> results` for an input signature and target.
+
+        `classes` is an int32 `(batch,)` tensor (used by class targets); the
+        results are the method's `(batch, ...)` tensors, with a `k` axis only for
+        `TopK`. Steps are cached (see `trace_count`).
+        """
+        return self._function(signature, spec)
+
     @property
     def gradient_model(self) -> GradientModel:
         """The functional model exposing `(activations, outputs)` (built on first use)."""

@@ -331,10 +331,18 @@ class GradCAM(_GradCAMSteps, Engine):
             ...     heat = cam.compute(x, target=3).heatmaps
         """
         result, spec = self._run(images, target)
-        return self._explanation(result, spec)
+        return self.to_explanation(result, spec)
 
-    def _explanation(self, result: dict, spec: TargetSpec) -> Explanation:
-        """The `Explanation` of one `_run` result; warns once about all-zero maps."""
+    def to_explanation(self, result: dict, spec: TargetSpec) -> Explanation:
+        """The `Explanation` of one compiled step's results; warns once about all-zero maps.
+
+        Args:
+            result: what `compiled_step(signature, spec)(inputs, classes)` returned.
+            spec: the target it was compiled for.
+
+        Returns:
+            An `Explanation` of the result's tensors.
+        """
         classes = None if spec.kind == "callable" else result["classes"]
         if (
             tf.executing_eagerly()

@@ -390,7 +390,7 @@ class _ModifiedGradCAM(_OverriddenMethod):
             >>> fused = method.compute(images, target=3).gradients
         """
         result, spec = self._engine._run(images, target)
-        cam = self._engine._explanation(result, spec)
+        cam = self._engine.to_explanation(result, spec)
         return PixelExplanation(
             gradients=result["gradients"],
             backprop=result["backprop"],

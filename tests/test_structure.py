@@ -91,3 +91,33 @@ def test_data_set_and_callback_use_only_the_engines_documented_members():
         text = (PACKAGE / name).read_text()
         private = sorted(set(re.findall(r"\b(?:cam|explainer|engine)\._[a-z]\w*", text)))
         assert private == [], f"{name}: {private}"
+
+
+def test_a_variant_overrides_one_step():
+    """The docs' PositiveGradCAM: α = mean of ReLU(∂y/∂A), checked on a GAP → Dense head.
+
+    There ∂y_c/∂A_ij^k = W[k, c] / Z everywhere, so α_k = max(W[k, c], 0) / Z, and the
+    variant inherits targets, TopK and compilation from the engine.
+    """
+    import numpy as np
+    import tensorflow as tf
+    from conftest import make_cnn
+
+    import tf_gradcam
+
+    class PositiveGradCAM(tf_gradcam.GradCAM):
+        def channel_weights(self, activations, gradients):
+            return tf.reduce_mean(tf.nn.relu(gradients), axis=[2, 3])
+
+    model = make_cnn(activation=None)
+    images = np.random.default_rng(0).random((3, 16, 16, 3), dtype=np.float32)
+    cam = PositiveGradCAM(model, "last_conv")
+    result = cam(images, target=1)
+    kernel = model.get_layer("head").kernel.numpy()[:, 1]
+    assert (kernel < 0).any()  # the variant differs from Grad-CAM here
+    np.testing.assert_allclose(
+        result.weights, np.tile(np.maximum(kernel, 0) / 144, (3, 1)), rtol=1e-5
+    )
+    top = cam(images, target=tf_gradcam.TopK(2))
+    assert top.weights.shape == (3, 2, 5) and (top.weights >= 0).all()
+    assert cam.trace_count == 2

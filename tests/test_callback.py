@@ -410,19 +410,7 @@ def test_weights_identical_with_and_without_callback(tmp_path, data, regions, me
         model.compile(
             optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=run_eagerly
         )
-        callbacks = []
-        if use:
-            callbacks = [
-                GradCAMCallback(
-                    data[0][:4],
-                    log_dir=tmp_path,
-                    method=method,
-                    update_freq=1,
-                    regions=regions,
-                    class_names=CLASS_NAMES,
-                    strict=True,
-                )
-            ]
+        callbacks = [_every_step_callback(tmp_path, data, method, regions)] if use else []
         keras.utils.set_random_seed(11)
         history = model.fit(*data, epochs=2, batch_size=16, callbacks=callbacks, verbose=0)
         runs.append((model.get_weights(), history.history["loss"]))
@@ -432,6 +420,19 @@ def test_weights_identical_with_and_without_callback(tmp_path, data, regions, me
     for a, b in zip(weights_a, weights_b, strict=True):
         np.testing.assert_array_equal(a, b)
     assert len(read_events(tmp_path)) > 0
+
+
+def _every_step_callback(tmp_path, data, method: str, regions) -> GradCAMCallback:
+    """A strict callback logging after every optimizer step, on the first four images."""
+    return GradCAMCallback(
+        data[0][:4],
+        log_dir=tmp_path,
+        method=method,
+        update_freq=1,
+        regions=regions,
+        class_names=CLASS_NAMES,
+        strict=True,
+    )
 
 
 def next_draws() -> dict[str, np.ndarray]:
@@ -455,19 +456,7 @@ def test_global_random_state_untouched(tmp_path, data, regions, method):
     runs = []
     for use in (False, True):
         model = make_model(dropout=True)
-        callbacks = []
-        if use:
-            callbacks = [
-                GradCAMCallback(
-                    data[0][:4],
-                    log_dir=tmp_path,
-                    method=method,
-                    update_freq=1,
-                    regions=regions,
-                    class_names=CLASS_NAMES,
-                    strict=True,
-                )
-            ]
+        callbacks = [_every_step_callback(tmp_path, data, method, regions)] if use else []
         keras.utils.set_random_seed(11)
         tf.random.set_global_generator(tf.random.Generator.from_seed(11))
         keras.random.uniform(())  # creates Keras' global SeedGenerator before fit

@@ -40,6 +40,9 @@ _SOURCES: dict[str, str] = {
     "TargetError": "errors",
     "UnsupportedActivationError": "errors",
     "UnsupportedModelError": "errors",
+    "HiResCAM": "cams",
+    "LayerCAM": "cams",
+    "XGradCAM": "cams",
     "plot_fig1": "figures",
     "Explanation": "gradcam",
     "GradCAM": "gradcam",
@@ -81,7 +84,9 @@ __all__ = [
     "GuidedBackprop",
     "GuidedGradCAM",
     "GuidedReLU",
+    "HiResCAM",
     "InputError",
+    "LayerCAM",
     "LayerNotFoundError",
     "MultiLayerGradCAM",
     "NoGradientError",
@@ -92,6 +97,7 @@ __all__ = [
     "UnsupportedActivationError",
     "UnsupportedModelError",
     "WordLogProb",
+    "XGradCAM",
     "__version__",
     "deconv_relu",
     "explain",
@@ -108,6 +114,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from tf_gradcam.callback import GradCAMCallback
+    from tf_gradcam.cams import HiResCAM, LayerCAM, XGradCAM
     from tf_gradcam.dataset import DatasetSummary, ExplainedBatch, explain_dataset, iter_shards
     from tf_gradcam.errors import (
         BackendError,

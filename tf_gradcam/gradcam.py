@@ -130,6 +130,16 @@ class _GradCAMSteps:
             return tf.reduce_max(gradients, axis=[2, 3])
         return tf.reduce_mean(gradients, axis=[2, 3])
 
+    def weighted_sum(
+        self, activations: tf.Tensor, gradients: tf.Tensor, weights: tf.Tensor
+    ) -> tf.Tensor:
+        """The signed map `Σ_k α_k A^k` `(batch, k, h, w)` (eq. 2 before the ReLU).
+
+        Element-wise variants (HiResCAM, LayerCAM) override this step instead of
+        `channel_weights`.
+        """
+        return tf.einsum("nhwc,nkc->nkhw", activations, weights)
+
     def maps_from_gradients(
         self,
         inputs: Any,
@@ -151,7 +161,7 @@ class _GradCAMSteps:
             The fields of an `Explanation` (without `layer`), `k` axis kept.
         """
         weights = self.channel_weights(activations, grads)
-        raw = tf.einsum("nhwc,nkc->nkhw", activations, weights)
+        raw = self.weighted_sum(activations, grads, weights)
         maps = tf.nn.relu(raw) if self.relu else raw
         if size is None:
             size = self.gradient_model.image_size(inputs)

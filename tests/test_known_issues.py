@@ -126,6 +126,9 @@ def _explainers(model):
             MultiLayerGradCAM(model, ["conv1", "last_conv"]),
             lambda r: sum(e.heatmaps for e in r.values()),
         ),
+        "XGradCAM": (tf_gradcam.XGradCAM(model, "last_conv"), lambda r: r.heatmaps),
+        "HiResCAM": (tf_gradcam.HiResCAM(model, "last_conv"), lambda r: r.heatmaps),
+        "LayerCAM": (tf_gradcam.LayerCAM(model, "conv1"), lambda r: r.heatmaps),
     }
 
 

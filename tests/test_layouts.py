@@ -34,8 +34,8 @@ def _require_nchw_convolutions(model: keras.Model, images: np.ndarray) -> None:
     """Skip where TensorFlow itself cannot run the channels-first model.
 
     TensorFlow's own CPU Conv2D implements only NHWC; NCHW runs on the CPU through
-    oneDNN (on by default on AVX512_VNNI/BF16/AMX CPUs, `TF_ENABLE_ONEDNN_OPTS=1`
-    elsewhere) or on a GPU. Without them the model fails before any explanation
+    oneDNN (on by default on AVX512_VNNI/BF16/AMX CPUs; TensorFlow's oneDNN switch
+    turns it on elsewhere) or on a GPU. Without them the model fails before any explanation
     (docs/known-issues.md); CI runs these tests in its oneDNN-on pass.
     """
     try:

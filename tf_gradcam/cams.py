@@ -20,7 +20,19 @@ __all__ = ["HiResCAM", "LayerCAM", "XGradCAM"]
 
 
 class _GradientVariant(GradCAM):
-    """A Grad-CAM variant: Grad-CAM's arguments less the pooling ablations."""
+    """A Grad-CAM variant: Grad-CAM's arguments less the pooling ablations.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`.
+        layer: the layer to explain, as in `GradCAM`.
+        relu: apply the ReLU of Grad-CAM's eq. 2.
+        logits: explain the score before a trailing softmax/sigmoid.
+        output: for multi-output models, which output class targets index.
+        jit_compile: compile the step with XLA.
+
+    Raises:
+        The errors of `GradCAM`.
+    """
 
     def __init__(
         self,
@@ -47,12 +59,8 @@ class XGradCAM(_GradientVariant):
     sum instead, which changes the weights of near-silent channels.
 
     Args:
-        model: a Functional or Sequential `keras.Model`.
-        layer: the layer to explain, as in `GradCAM`.
-        relu: apply the ReLU of Grad-CAM's eq. 2.
-        logits: explain the score before a trailing softmax/sigmoid.
-        output: for multi-output models, which output class targets index.
-        jit_compile: compile the step with XLA.
+        model, layer, relu, logits, output, jit_compile: as for `GradCAM` (the
+            pooling ablations do not apply).
 
     Raises:
         The errors of `GradCAM`.
@@ -77,12 +85,8 @@ class HiResCAM(_GradientVariant):
     (the gradients' spatial mean) for reference; the map does not use it.
 
     Args:
-        model: a Functional or Sequential `keras.Model`.
-        layer: the layer to explain, as in `GradCAM`.
-        relu: apply the ReLU of Grad-CAM's eq. 2 to the map.
-        logits: explain the score before a trailing softmax/sigmoid.
-        output: for multi-output models, which output class targets index.
-        jit_compile: compile the step with XLA.
+        model, layer, relu, logits, output, jit_compile: as for `GradCAM` (the
+            pooling ablations do not apply).
 
     Raises:
         The errors of `GradCAM`.
@@ -104,12 +108,8 @@ class LayerCAM(_GradientVariant):
     holds the spatial mean of the positive gradients, for reference.
 
     Args:
-        model: a Functional or Sequential `keras.Model`.
-        layer: the layer to explain, as in `GradCAM`.
-        relu: apply the outer ReLU of the map.
-        logits: explain the score before a trailing softmax/sigmoid.
-        output: for multi-output models, which output class targets index.
-        jit_compile: compile the step with XLA.
+        model, layer, relu, logits, output, jit_compile: as for `GradCAM` (the
+            pooling ablations do not apply).
 
     Raises:
         The errors of `GradCAM`.

@@ -147,7 +147,7 @@ class Engine:
         return self._gradient_model
 
     def _image_index(self) -> int | None:
-        return getattr(self._gradient_model, "image_index", None)
+        return self._gradient_model.image_index if self._gradient_model is not None else None
 
     @property
     def trace_count(self) -> int:
@@ -258,7 +258,7 @@ class Engine:
                 "(or dict) with one array per input, e.g. [images, questions]."
             )
         image_axis = 1 if self._gradient_model.image_channels_first else -1
-        vocabularies = getattr(self._gradient_model, "vocabularies", {})
+        vocabularies = self._gradient_model.vocabularies
         prepared = [
             _prepare_leaf(
                 value,

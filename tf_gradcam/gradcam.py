@@ -255,8 +255,6 @@ class GradCAM(_GradCAMSteps, Engine):
             model, pooling, relu, counterfactual, absolute_gradients, call_override, relu_gradients
         )
         self.logits = logits
-        self._layer_argument = layer
-        self._call_override = call_override
         super().__init__(
             model,
             lambda sample_shape: build_gradient_model(

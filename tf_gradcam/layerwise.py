@@ -182,7 +182,6 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
             model, pooling, relu, counterfactual, absolute_gradients, call_override, relu_gradients
         )
         self.logits = logits
-        self._layers_argument = layers
         super().__init__(
             model,
             lambda sample_shape: _LayersModel(

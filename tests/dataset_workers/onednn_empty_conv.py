@@ -1,6 +1,7 @@
 """Pin of a TensorFlow/oneDNN kernel bug: convolutions of an empty batch.
 
-Run with TF_ENABLE_ONEDNN_OPTS=1. A correct Conv2D of 0 images of 16×16×3 by
+Runs with oneDNN as the environment leaves it (on by default on AVX512_VNNI/BF16/AMX
+CPUs) and reports whether it is active. A correct Conv2D of 0 images of 16×16×3 by
 a 3×3×3×6 kernel ("VALID") returns shape (0, 14, 14, 6); the oneDNN kernels
 return a tensor shaped like their input, (0, 16, 16, 3), so the next layer
 fails with "input depth must be evenly divisible by filter depth". Prints one

@@ -162,6 +162,26 @@ class _GradCAMSteps:
         """
         weights = self.channel_weights(activations, grads)
         raw = self.weighted_sum(activations, grads, weights)
+        return self.finish_maps(inputs, raw, weights, scores, resolved, size=size)
+
+    def finish_maps(
+        self,
+        inputs: Any,
+        raw: tf.Tensor,
+        weights: tf.Tensor,
+        scores: tf.Tensor,
+        resolved: tf.Tensor,
+        *,
+        size: tf.Tensor | None = None,
+    ) -> dict:
+        """ReLU → upsampling → normalisation of signed maps `raw` `(batch, k, h, w)`.
+
+        The step every CAM method ends with, whatever gave its weights
+        (gradients, extra forward passes, a principal component).
+
+        Returns:
+            The fields of an `Explanation` (without `layer`), `k` axis kept.
+        """
         maps = tf.nn.relu(raw) if self.relu else raw
         if size is None:
             size = self.gradient_model.image_size(inputs)
@@ -307,6 +327,27 @@ class GradCAM(_GradCAMSteps, Engine):
             scores = scores[:, None]
             resolved = resolved[:, None]
         return activations, grads, tf.cast(scores, tf.float32), resolved
+
+    def forward(
+        self, inputs: Any, classes: tf.Tensor, spec: TargetSpec
+    ) -> tuple[tf.Tensor, Any, tf.Tensor, tf.Tensor]:
+        """One forward pass, no gradients: what gradient-free methods start from.
+
+        Returns:
+            `(activations, outputs, scores, classes)`: activations
+            `(batch, h, w, channels)` float32 (channels-last whatever the
+            layer's layout), the model's outputs (before a trailing softmax
+            when `logits=True`), scores and classes `(batch, k)`.
+        """
+        activations, outputs = self.gradient_model(inputs)
+        scores, resolved = self.target_scores(outputs, classes, spec)
+        activations = tf.cast(activations, tf.float32)
+        if self.gradient_model.channels_first:
+            activations = tf.transpose(activations, [0, 2, 3, 1])
+        if spec.kind != "top_k":
+            scores = scores[:, None]
+            resolved = resolved[:, None]
+        return activations, outputs, tf.cast(scores, tf.float32), resolved
 
     def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
         activations, grads, scores, resolved = self.gradients(inputs, classes, spec)

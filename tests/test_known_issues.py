@@ -135,6 +135,8 @@ def _explainers(model):
         "XGradCAM": (tf_gradcam.XGradCAM(model, "last_conv"), lambda r: r.heatmaps),
         "HiResCAM": (tf_gradcam.HiResCAM(model, "last_conv"), lambda r: r.heatmaps),
         "LayerCAM": (tf_gradcam.LayerCAM(model, "conv1"), lambda r: r.heatmaps),
+        "GradCAMPlusPlus": (tf_gradcam.GradCAMPlusPlus(model, "last_conv"), lambda r: r.heatmaps),
+        "EigenCAM": (tf_gradcam.EigenCAM(model, "last_conv"), lambda r: r.heatmaps),
     }
 
 

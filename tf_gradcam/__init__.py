@@ -39,7 +39,11 @@ _SOURCES: dict[str, str] = {
     "NotSpatialError": "errors",
     "TargetError": "errors",
     "UnsupportedActivationError": "errors",
+    "UnknownMethodError": "errors",
+    "UnsupportedLayerError": "errors",
     "UnsupportedModelError": "errors",
+    "EigenCAM": "cams",
+    "GradCAMPlusPlus": "cams",
     "HiResCAM": "cams",
     "LayerCAM": "cams",
     "XGradCAM": "cams",
@@ -76,11 +80,13 @@ __all__ = [
     "DeconvReLU",
     "Deconvolution",
     "DeconvolutionGradCAM",
+    "EigenCAM",
     "ExplainedBatch",
     "Explanation",
     "GradCAM",
     "GradCAMCallback",
     "GradCAMError",
+    "GradCAMPlusPlus",
     "GuidedBackprop",
     "GuidedGradCAM",
     "GuidedReLU",
@@ -94,7 +100,9 @@ __all__ = [
     "PixelExplanation",
     "TargetError",
     "TopK",
+    "UnknownMethodError",
     "UnsupportedActivationError",
+    "UnsupportedLayerError",
     "UnsupportedModelError",
     "WordLogProb",
     "XGradCAM",
@@ -114,7 +122,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from tf_gradcam.callback import GradCAMCallback
-    from tf_gradcam.cams import HiResCAM, LayerCAM, XGradCAM
+    from tf_gradcam.cams import EigenCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
     from tf_gradcam.dataset import DatasetSummary, ExplainedBatch, explain_dataset, iter_shards
     from tf_gradcam.errors import (
         BackendError,
@@ -124,7 +132,9 @@ if TYPE_CHECKING:
         NoGradientError,
         NotSpatialError,
         TargetError,
+        UnknownMethodError,
         UnsupportedActivationError,
+        UnsupportedLayerError,
         UnsupportedModelError,
     )
     from tf_gradcam.figures import plot_fig1

@@ -1,10 +1,11 @@
-"""Grad-CAM's successors that change one step of it: XGrad-CAM, HiResCAM, LayerCAM.
+"""Grad-CAM's successors that change one step of it.
 
-Each is a few lines over `GradCAM` (and so over the shared engine): the
-gradients are taken as in Grad-CAM, at the same layer, for the same targets,
-before the softmax; only the channel weights (`channel_weights`) or the map
-(`weighted_sum`) differ. The ReLU of eq. 2, the upsampling and the
-normalisation are Grad-CAM's.
+Grad-CAM++, XGrad-CAM, HiResCAM and LayerCAM are a few lines over `GradCAM`
+(and so over the shared engine): the gradients are taken as in Grad-CAM, at
+the same layer, for the same targets, before the softmax; only the channel
+weights (`channel_weights`) or the map (`weighted_sum`) differ. Eigen-CAM
+replaces the gradients by the activations' first principal component. The
+ReLU of eq. 2, the upsampling and the normalisation are Grad-CAM's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_gradcam.errors import UnsupportedLayerError
 from tf_gradcam.gradcam import GradCAM
+from tf_gradcam.targets import TargetSpec
 
-__all__ = ["HiResCAM", "LayerCAM", "XGradCAM"]
+__all__ = ["EigenCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "XGradCAM"]
 
 
 class _GradientVariant(GradCAM):
@@ -47,6 +50,48 @@ class _GradientVariant(GradCAM):
         super().__init__(
             model, layer, relu=relu, logits=logits, output=output, jit_compile=jit_compile
         )
+
+
+class GradCAMPlusPlus(_GradientVariant):
+    """Grad-CAM++ (Chattopadhyay et al., WACV 2018): pixel-weighted positive gradients.
+
+    With the exponential score `Y^c = exp(S^c)` of the paper's §3.3 and a
+    piecewise-linear network (ReLU), the higher derivatives are powers of the
+    first, `∂ⁿY/∂Aⁿ = exp(S)·gⁿ` with `g = ∂S^c/∂A^k_ij`, and eq. 19 becomes
+
+        α_ij^kc = g² / (2 g² + Σ_ab A^k_ab · g³)
+
+    (the `exp(S)` factors cancel); the channel weights are eq. 18,
+    `w_k = Σ_ij α_ij^kc ReLU(∂Y^c/∂A^k_ij)`, and the map `ReLU(Σ_k w_k A^k)`.
+    `Explanation.weights` holds `w_k / exp(S^c)` = `Σ_ij α_ij ReLU(g)`: the
+    factor `exp(S^c)` is positive and the same for every channel of an image,
+    so maps keep their shape and heatmaps are unchanged, and it would overflow
+    float32 for scores above ~88. Where `g = 0`, `α = 0`; where the
+    denominator vanishes (`g < 0`, whose term `ReLU(g)` is zero anyway), `α = 0`.
+
+    Peers: pytorch-grad-cam computes the same weights (it adds 1e-7 to the
+    denominator); tf-keras-vis `GradcamPlusPlus` multiplies by `exp` of the
+    model's output (a softmax probability unless the softmax is removed) and
+    divides α by its spatial sum `Σ_ij α_ij` before eq. 18, as the authors'
+    code does, which changes the relative weights of the channels.
+
+    Args:
+        model, layer, relu, logits, output, jit_compile: as for `GradCAM` (the
+            pooling ablations do not apply).
+
+    Raises:
+        The errors of `GradCAM`.
+
+    Example:
+        >>> tf_gradcam.GradCAMPlusPlus(model, "conv5_block3_out")(images).heatmaps
+    """
+
+    def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        g2 = tf.square(gradients)
+        g3 = g2 * gradients
+        total = tf.reduce_sum(activations, axis=[1, 2])[:, None, None, None, :]
+        alpha = tf.math.divide_no_nan(g2, 2.0 * g2 + total * g3)
+        return tf.reduce_sum(alpha * tf.nn.relu(gradients), axis=[2, 3])
 
 
 class XGradCAM(_GradientVariant):
@@ -123,3 +168,90 @@ class LayerCAM(_GradientVariant):
 
     def weighted_sum(self, activations: Any, gradients: Any, weights: Any) -> tf.Tensor:
         return tf.reduce_sum(activations[:, None] * tf.nn.relu(gradients), axis=-1)
+
+
+class EigenCAM(GradCAM):
+    """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the activations' first principal component.
+
+    With the layer's activations of one image as a matrix `O` of `h·w` rows
+    and `C` columns and its singular value decomposition `O = U Σ Vᵀ`, the map
+    is the projection on the first right singular vector, `O v₁ = σ₁ u₁`
+    (the paper's eq. 7, without centring). No gradients and no target: the map
+    is the same for every class (`scores` and `classes` still report the
+    target's), and it works where the score has no gradient path.
+
+    A singular vector is defined up to its sign; the sign is fixed so that the
+    map agrees with the mean activation over channels `m = Σ_k A^k / C`:
+    `Σ_ij (O v₁)_ij m_ij ≥ 0`. For non-negative (post-ReLU) activations the
+    first singular vector can be taken non-negative (Perron–Frobenius), and
+    this rule picks that choice, so the map is non-negative everywhere.
+    `Explanation.weights` holds `±v₁`, the weight of each channel in the map.
+
+    Peers: pytorch-grad-cam subtracts each channel's spatial mean before the
+    SVD (`center=True` here reproduces it) and does not fix the sign.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`.
+        layer: the layer to explain, as in `GradCAM`; it needs two or more channels.
+        center: subtract each channel's spatial mean before the SVD.
+        relu: apply a ReLU to the projection (as Grad-CAM's eq. 2).
+        logits: report scores before a trailing softmax/sigmoid.
+        output: for multi-output models, which output the reported scores come from.
+        jit_compile: compile the step with XLA.
+
+    Raises:
+        UnsupportedLayerError: the layer has one channel (its principal
+            component is the channel itself).
+        The errors of `GradCAM`.
+
+    Example:
+        >>> tf_gradcam.EigenCAM(model, "conv5_block3_out")(images).heatmaps
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        layer: str | keras.layers.Layer | None = None,
+        *,
+        center: bool = False,
+        relu: bool = True,
+        logits: bool = True,
+        output: int | str | None = None,
+        jit_compile: bool = False,
+    ) -> None:
+        self.center = center
+        super().__init__(
+            model, layer, relu=relu, logits=logits, output=output, jit_compile=jit_compile
+        )
+        if self.built:
+            self._check_channels()
+
+    def _check_channels(self) -> None:
+        axis = 1 if self.gradient_model.channels_first else -1
+        activations = self.gradient_model.keras_model.outputs[0]
+        if activations.shape[axis] == 1:
+            raise UnsupportedLayerError(
+                f"Eigen-CAM needs a layer with two or more channels; layer {self.layer!r} "
+                f"has one (output shape {tuple(activations.shape)}), whose principal "
+                "component is the channel itself. Choose a layer with more channels, or "
+                "use Grad-CAM."
+            )
+
+    def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
+        self._check_channels()
+        activations, _, scores, resolved = self.forward(inputs, classes, spec)
+        shape = tf.shape(activations)
+        rows = tf.reshape(activations, [shape[0], shape[1] * shape[2], shape[3]])
+        mean = tf.reduce_mean(rows, axis=2)  # the channel mean m, (batch, h·w)
+        if self.center:
+            rows = rows - tf.reduce_mean(rows, axis=1, keepdims=True)
+        singular, u, v = tf.linalg.svd(rows, full_matrices=False)
+        projection = u[:, :, 0] * singular[:, :1]  # O v1 = σ1 u1, (batch, h·w)
+        agreement = tf.reduce_sum(projection * mean, axis=1, keepdims=True)
+        sign = tf.where(agreement < 0, -1.0, 1.0)
+        raw = tf.reshape(projection * sign, shape[:3])
+        weights = v[:, :, 0] * sign
+        k = tf.shape(scores)[1]
+        raw = tf.repeat(raw[:, None], k, axis=1)  # one map for every target
+        weights = tf.repeat(weights[:, None], k, axis=1)
+        return self.finish_maps(inputs, raw, weights, scores, resolved)

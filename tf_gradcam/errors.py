@@ -15,7 +15,9 @@ __all__ = [
     "NoGradientError",
     "NotSpatialError",
     "TargetError",
+    "UnknownMethodError",
     "UnsupportedActivationError",
+    "UnsupportedLayerError",
     "UnsupportedModelError",
 ]
 
@@ -59,3 +61,11 @@ class UnsupportedModelError(GradCAMError):
 
 class UnsupportedActivationError(GradCAMError):
     """The model has activations guided backprop does not define and `strict=True`."""
+
+
+class UnknownMethodError(GradCAMError):
+    """The `method` argument names no CAM method; the message lists the known ones."""
+
+
+class UnsupportedLayerError(GradCAMError):
+    """The chosen layer does not suit the method (e.g. Eigen-CAM on a one-channel layer)."""

@@ -316,7 +316,8 @@ class GradCAM(_GradCAMSteps, Engine):
             raise NoGradientError(
                 f"The target score does not depend on layer {gradient_model.layer_path!r} "
                 "(no gradient path). Choose a layer the scored output is computed from, "
-                "or another output/target."
+                "or another output/target, or a gradient-free method: "
+                "method='scorecam', 'ablationcam' or 'eigencam'."
             )
         activations = tf.cast(activations, tf.float32)
         grads = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)

@@ -66,6 +66,7 @@ _SOURCES: dict[str, str] = {
     "explain_layers": "layerwise",
     "plot_layers": "layerwise",
     "layer_paths": "submodel",
+    "Smoothed": "smoothing",
     "AnswerScore": "targets",
     "CaptionLogProb": "targets",
     "TopK": "targets",
@@ -98,6 +99,7 @@ __all__ = [
     "NoGradientError",
     "NotSpatialError",
     "PixelExplanation",
+    "Smoothed",
     "TargetError",
     "TopK",
     "UnknownMethodError",
@@ -149,6 +151,7 @@ if TYPE_CHECKING:
     from tf_gradcam.image import normalize_gradients, overlay
     from tf_gradcam.layerwise import MultiLayerGradCAM, explain_layers, plot_layers
     from tf_gradcam.relu_rules import DeconvReLU, GuidedReLU, deconv_relu, guided_relu
+    from tf_gradcam.smoothing import Smoothed
     from tf_gradcam.submodel import layer_paths
     from tf_gradcam.targets import AnswerScore, CaptionLogProb, TopK, WordLogProb
 

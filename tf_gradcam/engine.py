@@ -136,6 +136,38 @@ class Engine:
         """
         return self._function(signature, spec)
 
+    def resolve_classes(self, images: Any, target: Target = None) -> np.ndarray | None:
+        """The class indices a target stands for on these images, from one forward pass.
+
+        Code that explains altered copies of the images (smoothing, flips)
+        resolves the target once on the originals, so every copy explains the
+        same class.
+
+        Args:
+            images: a batch, checked as in a call.
+            target: any accepted target.
+
+        Returns:
+            int32 `(batch,)` classes, `(batch, k)` for `TopK(k)`, or `None`
+            for a callable target (scored on each copy's own outputs).
+
+        Raises:
+            InputError: the images do not fit the model.
+            TargetError: the target does not fit the model's output.
+        """
+        inputs = self._prepare(images)
+        batch = int(keras.tree.flatten(inputs)[0].shape[0])
+        spec = resolve_target(target, batch, self._num_classes())
+        if spec.kind == "callable":
+            return None
+        if spec.kind == "classes":
+            return np.broadcast_to(spec.classes, (batch,)).astype(np.int32)
+        _, outputs = self.gradient_model(inputs)
+        scored = self._scored_output(outputs)
+        if spec.kind == "top_k":
+            return tf.math.top_k(scored, k=spec.k).indices.numpy().astype(np.int32)
+        return tf.argmax(scored, axis=-1).numpy().astype(np.int32)
+
     @property
     def gradient_model(self) -> GradientModel:
         """The functional model exposing `(activations, outputs)` (built on first use)."""

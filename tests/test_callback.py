@@ -32,6 +32,7 @@ from keras import layers
 import tf_gradcam.callback as callback_module
 from tf_gradcam import GradCAM, GradCAMCallback, TopK, overlay
 from tf_gradcam.callback import MAX_FAILURES, PANEL_MIN_SIZE, caption_strip
+from tf_gradcam.methods import get_method
 
 SIZE = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -346,6 +347,24 @@ def test_annotate_false_writes_the_bare_overlays(tmp_path, data):
     callback = GradCAMCallback(x, log_dir=tmp_path, target=2, annotate=False, strict=True)
     fit(model, data, callback, epochs=1)
     expected = overlay(x, GradCAM(model, "last_conv")(x, 2).heatmaps)
+    logged = {tag: value for _, tag, value in read_events(tmp_path)}
+    for i in range(2):
+        np.testing.assert_allclose(decode_image(logged[f"gradcam/image_{i}"]), expected[i], atol=1)
+
+
+@pytest.mark.parametrize("method", ["Grad-CAM++", "eigencam"])
+def test_other_cam_methods_log_their_own_overlays(tmp_path, data, method):
+    """method= any CAM name: the logged overlay is that method's, named in the description."""
+    model = make_model()
+    x = data[0][:2]
+    callback = GradCAMCallback(
+        x, log_dir=tmp_path, target=2, annotate=False, strict=True, method=method
+    )
+    fit(model, data, callback, epochs=1)
+    cls = get_method(method)
+    expected = overlay(x, cls(model, "last_conv")(x, 2).heatmaps)
+    grad_cam = overlay(x, GradCAM(model, "last_conv")(x, 2).heatmaps)
+    assert np.abs(expected.astype(int) - grad_cam).max() > 10  # a different picture
     logged = {tag: value for _, tag, value in read_events(tmp_path)}
     for i in range(2):
         np.testing.assert_allclose(decode_image(logged[f"gradcam/image_{i}"]), expected[i], atol=1)

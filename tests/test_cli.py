@@ -117,6 +117,27 @@ def test_explain_guided_methods_write_the_api_gradients(tmp_path):
     assert cv2.imread(str(out / "img0_guided-gradcam.png")).shape == (64, 64, 3)
 
 
+@pytest.mark.parametrize(
+    ("method", "token", "cls"),
+    [("Grad-CAM++", "gradcampp", "GradCAMPlusPlus"), ("eigencam", "eigencam", "EigenCAM")],
+)
+def test_explain_cam_methods_write_that_methods_maps(tmp_path, method, token, cls):
+    """--method takes any CAM method name; the .npy holds that method's layer-resolution map."""
+    import tf_gradcam
+
+    model_path = tmp_path / "demo.keras"
+    load_demo_model().save(model_path)
+    paths = _save_images(tmp_path, make_scenes(1, seed=4).images)
+    out = tmp_path / "out"
+    args = ["explain", str(model_path), *paths, "--method", method, "--out", str(out)]
+    assert main([*args, "--class", "2"]) == 0
+    expected = getattr(tf_gradcam, cls)(load_demo_model(), "last_conv")(_decoded(paths), target=2)
+    written = np.load(out / f"img0_{token}.npy")
+    np.testing.assert_allclose(written, expected.maps[0], rtol=1e-4, atol=1e-5)
+    plain = tf_gradcam.GradCAM(load_demo_model(), "last_conv")(_decoded(paths), target=2)
+    assert np.abs(plain.maps[0] / plain.maps[0].max() - written / written.max()).max() > 1e-2
+
+
 def test_safe_stem_cannot_escape_the_output_folder():
     """Output names derived from hostile input paths stay plain names, unique per run."""
     from tf_gradcam.cli import _safe_stem

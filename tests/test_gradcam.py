@@ -240,7 +240,7 @@ def test_explain_function_reuses_the_engine(images, cnn):
     np.testing.assert_allclose(a.heatmaps, b.heatmaps, rtol=1e-6)
     assert a.layer == "conv1"
     explain(cnn, images, target=2, layer="conv1")
-    (cam,) = [c for key, c in tf_gradcam.gradcam._CACHE.items() if key[0] == id(cnn)]
+    (cam,) = [c for key, c in tf_gradcam.methods._CACHE.items() if key[0] == id(cnn)]
     assert cam.model is cnn and cam.trace_count == 1
 
 
@@ -249,7 +249,7 @@ def test_explain_cache_is_bounded_and_releases_models(images, monkeypatch):
     import gc
     import weakref
 
-    monkeypatch.setattr(tf_gradcam.gradcam, "_CACHE_SIZE", 2)
+    monkeypatch.setattr(tf_gradcam.methods, "_CACHE_SIZE", 2)
     refs = []
     for i in range(3):
         model = make_cnn(name=f"m{i}")
@@ -257,7 +257,7 @@ def test_explain_cache_is_bounded_and_releases_models(images, monkeypatch):
         refs.append(weakref.ref(model))
         del model
     gc.collect()
-    assert len(tf_gradcam.gradcam._CACHE) <= tf_gradcam.gradcam._CACHE_SIZE
+    assert len(tf_gradcam.methods._CACHE) <= tf_gradcam.methods._CACHE_SIZE
     assert refs[0]() is None  # the oldest model is no longer held by the cache
 
 

@@ -50,7 +50,7 @@ _SOURCES: dict[str, str] = {
     "plot_fig1": "figures",
     "Explanation": "gradcam",
     "GradCAM": "gradcam",
-    "explain": "gradcam",
+    "explain": "methods",
     "Deconvolution": "guided",
     "DeconvolutionGradCAM": "guided",
     "DeconvReLU": "relu_rules",
@@ -140,7 +140,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from tf_gradcam.figures import plot_fig1
-    from tf_gradcam.gradcam import Explanation, GradCAM, explain
+    from tf_gradcam.gradcam import Explanation, GradCAM
     from tf_gradcam.guided import (
         Deconvolution,
         DeconvolutionGradCAM,
@@ -150,6 +150,7 @@ if TYPE_CHECKING:
     )
     from tf_gradcam.image import normalize_gradients, overlay
     from tf_gradcam.layerwise import MultiLayerGradCAM, explain_layers, plot_layers
+    from tf_gradcam.methods import explain
     from tf_gradcam.relu_rules import DeconvReLU, GuidedReLU, deconv_relu, guided_relu
     from tf_gradcam.smoothing import Smoothed
     from tf_gradcam.submodel import layer_paths

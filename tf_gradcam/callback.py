@@ -30,10 +30,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_gradcam.engine import check_integer_cast
-from tf_gradcam.errors import InputError
-from tf_gradcam.gradcam import GradCAM
+from tf_gradcam.errors import InputError, UnknownMethodError
 from tf_gradcam.guided import GuidedGradCAM
 from tf_gradcam.image import normalize_gradients, overlay
+from tf_gradcam.methods import METHODS, TITLES, get_method, method_name
 from tf_gradcam.targets import LABELS, TopK, classes_from_labels, labels_target
 
 __all__ = ["GradCAMCallback", "caption_strip", "compose_panel"]
@@ -81,8 +81,8 @@ class GradCAMCallback(keras.callbacks.Callback):
 
     - `gradcam/image_<i>`: a panel for sample image `i` (`max_images` of
       them): the overlay, upscaled by an integer factor (nearest neighbour)
-      to at least `PANEL_MIN_SIZE` pixels; at its right, with
-      `method="gradcam"`, a colour bar of the jet colormap from 1 (top) to
+      to at least `PANEL_MIN_SIZE` pixels; at its right, for every CAM
+      method (not `"guided_gradcam"`), a colour bar of the jet colormap from 1 (top) to
       0 (bottom); below, the explained class (its name from `class_names`,
       else `class <index>`) and its pre-softmax score. With
       `annotate=False`, the bare overlay at the input size.
@@ -124,10 +124,13 @@ class GradCAMCallback(keras.callbacks.Callback):
             callable `outputs -> (batch,)` score (see `tf_gradcam.targets`).
         layer: the convolutional layer to explain (name, `"outer/inner"`
             path, `Layer` or `None` for the last 4-D layer).
-        method: `"gradcam"` (overlays of the heatmaps) or `"guided_gradcam"`
-            (Guided Grad-CAM gradients, display-normalised; their panels
-            have no colour bar, the picture being no colour-mapped heatmap).
-            Region masses always use the Grad-CAM heatmaps.
+        method: a CAM method by name (`tf_gradcam.methods.METHODS`:
+            `"gradcam"`, the default, `"gradcam++"`, `"scorecam"`,
+            `"eigencam"`...; overlays of its heatmaps, and region masses of
+            them), or `"guided_gradcam"` (Guided Grad-CAM gradients,
+            display-normalised; their panels have no colour bar, the picture
+            being no colour-mapped heatmap; region masses use the Grad-CAM
+            heatmaps).
         freq: log every `freq` epochs (epochs 0, freq, 2·freq, ... as
             `histogram_freq` of `keras.callbacks.TensorBoard`); 0 turns epoch
             logging off.
@@ -225,7 +228,7 @@ class GradCAMCallback(keras.callbacks.Callback):
         self.log_dir = str(log_dir)
         self.target = target
         self.layer = layer
-        self.method = method
+        self.method = method if method == "guided_gradcam" else method_name(method)
         self.freq = freq
         self.update_freq = 1 if update_freq == "batch" else update_freq
         self.max_images = max_images
@@ -463,8 +466,8 @@ class GradCAMCallback(keras.callbacks.Callback):
         shown = min(self.max_images, len(pictures))
         width = len(str(shown - 1))
         layer = self.explainer.layer
-        name = "Guided Grad-CAM" if self.method == "guided_gradcam" else "Grad-CAM"
-        colorbar = self.method == "gradcam"
+        name = "Guided Grad-CAM" if self.method == "guided_gradcam" else TITLES[self.method]
+        colorbar = self.method != "guided_gradcam"
         if self.annotate:
             scale = " with its colour scale (jet, 0 to 1)" if colorbar else ""
             about = f"{name} of sample image {{i}} at layer `{layer}`{scale}, the explained "
@@ -499,11 +502,15 @@ class GradCAMCallback(keras.callbacks.Callback):
 # ------------------------------------------------------------------ explainers
 
 
-class _GradCAMExplainer:
-    """Grad-CAM heatmaps and their colour overlays for the callback."""
+class _CAMExplainer:
+    """A CAM method's heatmaps and their colour overlays for the callback.
 
-    def __init__(self, model: keras.Model, layer: Any) -> None:
-        self.cam = GradCAM(model, layer)
+    `explainer(images, target)` returns `(heatmaps, pictures, classes,
+    scores)`: the heatmaps for the region masses, uint8 RGB pictures to show.
+    """
+
+    def __init__(self, model: keras.Model, layer: Any, method: str = "gradcam") -> None:
+        self.cam = get_method(method)(model, layer)
 
     @property
     def layer(self) -> str:
@@ -519,7 +526,7 @@ class _GradCAMExplainer:
         return result.heatmaps, overlay(images, result.heatmaps), result.classes, result.scores
 
 
-class _GuidedGradCAMExplainer(_GradCAMExplainer):
+class _GuidedGradCAMExplainer(_CAMExplainer):
     """Guided Grad-CAM pictures (§3.2); the masses still use the Grad-CAM heatmaps."""
 
     def __init__(self, model: keras.Model, layer: Any) -> None:
@@ -536,10 +543,9 @@ class _GuidedGradCAMExplainer(_GradCAMExplainer):
 
 #: How each `method` builds its explainer: `(model, layer) -> explainer`, where
 #: `explainer(images, target)` returns `(heatmaps, pictures, classes, scores)`
-#: (Grad-CAM heatmaps for the masses, uint8 RGB pictures to show) and the
-#: explainer has `layer` and `trace_count` properties.
+#: and the explainer has `layer` and `trace_count` properties.
 _EXPLAINERS: dict[str, Callable[[keras.Model, Any], Any]] = {
-    "gradcam": _GradCAMExplainer,
+    **{name: functools.partial(_CAMExplainer, method=name) for name in METHODS},
     "guided_gradcam": _GuidedGradCAMExplainer,
 }
 
@@ -548,10 +554,14 @@ _EXPLAINERS: dict[str, Callable[[keras.Model, Any], Any]] = {
 
 
 def _check_options(method: str, freq: int, update_freq: str | int, max_images: int) -> None:
-    if method not in _EXPLAINERS:
-        raise ValueError(
-            f"`method` must be one of {sorted(_EXPLAINERS)}. Received: method={method!r}."
-        )
+    if method != "guided_gradcam":
+        try:
+            method_name(method)
+        except UnknownMethodError:
+            raise UnknownMethodError(
+                f"`method` must be a CAM method ({', '.join(sorted(METHODS))}) or "
+                f"'guided_gradcam'. Received: method={method!r}."
+            ) from None
     if not _is_count(freq, minimum=0):
         raise ValueError(f"`freq` must be an int >= 0 (epochs). Received: freq={freq!r}.")
     if update_freq not in ("epoch", "batch") and not _is_count(update_freq, minimum=1):

@@ -2,7 +2,9 @@
 
     tf-gradcam demo [--out DIR] [--count N] [--seed S] [--overwrite] [--verbose] [--debug]
     tf-gradcam explain MODEL IMAGE... [--layer NAME] [--class INDEX | --top-k K]
-                       [--method gradcam|counterfactual|guided_backprop|guided_gradcam]
+                       [--method gradcam|gradcam++|xgradcam|hirescam|layercam|scorecam|
+                                 ablationcam|eigencam|counterfactual|guided_backprop|
+                                 guided_gradcam]
                        [--preprocess unit|raw|symmetric] [--labels FILE] [--out DIR]
                        [--alpha A] [--trust-model] [--overwrite] [--verbose] [--debug]
 
@@ -50,7 +52,8 @@ from typing import Any, BinaryIO, NoReturn
 import numpy as np
 
 from tf_gradcam import __version__
-from tf_gradcam.errors import GradCAMError
+from tf_gradcam.errors import GradCAMError, UnknownMethodError
+from tf_gradcam.methods import METHODS, method_name
 
 __all__ = ["main"]
 
@@ -59,7 +62,8 @@ _PREPROCESS = {
     "raw": (1.0, 0.0),  # [0, 255]
     "symmetric": (2.0 / 255.0, -1.0),  # [-1, 1]
 }
-_METHODS = ("gradcam", "counterfactual", "guided_backprop", "guided_gradcam")
+#: --method values beyond the CAM methods of `tf_gradcam.methods.METHODS`
+_PIXEL_METHODS = ("counterfactual", "guided_backprop", "guided_gradcam")
 _HDF5_SUFFIXES = (".h5", ".hdf5")
 _PYTHON_LOGGERS = ("absl", "tensorflow")  # `tf.get_logger()` is the "tensorflow" logger
 _CAPTION_MIN_WIDTH = 256  # captioned pictures are enlarged to at least this width
@@ -669,7 +673,7 @@ def _explanation_names(
         classes: the explained classes of each image.
         labels: the class names, or None.
     """
-    method = args.method.replace("_", "-")
+    method = _method_token(args.method)
     taken: set[str] = set()
     names = []
     for stem, image_classes in zip(_image_stems(args.images), classes, strict=True):
@@ -702,11 +706,28 @@ def _explain_targets(
         part = "|".join(re.escape(_safe_name(label) or str(c)) for c, label in enumerate(labels))
     else:
         part = r"class\d+"
-    method = re.escape(args.method.replace("_", "-"))
+    method = re.escape(_method_token(args.method))
     return [
         re.compile(rf"{re.escape(stem)}_(?:{part})_{method}(?:_\d+)?\.(?:png|npy)")
         for stem in _image_stems(args.images)
     ]
+
+
+def _method(value: str) -> str:
+    """`--method`: a CAM method (any spelling `method_name` accepts) or a pixel method."""
+    if value in _PIXEL_METHODS:
+        return value
+    try:
+        return method_name(value)
+    except UnknownMethodError:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {value!r}; choose from {', '.join([*METHODS, *_PIXEL_METHODS])}"
+        ) from None
+
+
+def _method_token(method: str) -> str:
+    """The method as written in output file names: `guided-gradcam`, `gradcampp`."""
+    return method.replace("_", "-").replace("++", "pp")
 
 
 def _explain_with_method(
@@ -714,9 +735,10 @@ def _explain_with_method(
 ) -> tuple[Any, np.ndarray | None]:
     """Run the chosen method: (Grad-CAM explanation, pixel gradients or None)."""
     from tf_gradcam import GradCAM, GuidedBackprop, GuidedGradCAM
+    from tf_gradcam.methods import get_method
 
-    if args.method == "gradcam":
-        return GradCAM(model, args.layer)(images, target=target), None
+    if args.method in METHODS:
+        return get_method(args.method)(model, args.layer)(images, target=target), None
     if args.method == "counterfactual":
         return GradCAM(model, args.layer, counterfactual=True)(images, target=target), None
     fused = GuidedGradCAM(model, args.layer)(images, target=target)
@@ -900,10 +922,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument(
         "--method",
-        choices=_METHODS,
+        type=_method,
         default="gradcam",
-        help="what to draw: Grad-CAM overlay (default), counterfactual Grad-CAM (§3.3), "
-        "guided backprop or Guided Grad-CAM gradients (§3.2)",
+        metavar="METHOD",
+        help="what to draw: a CAM method's overlay (gradcam, the default; "
+        f"{', '.join(m for m in METHODS if m != 'gradcam')}), counterfactual Grad-CAM "
+        "(§3.3), or guided_backprop / guided_gradcam gradients (§3.2)",
     )
     explain.add_argument(
         "--alpha", metavar="A", type=_unit_float, default=0.4, help="overlay opacity (0.4)"

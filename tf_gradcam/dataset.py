@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from tf_gradcam.errors import InputError, TargetError
 from tf_gradcam.gradcam import Explanation, GradCAM
+from tf_gradcam.methods import get_method
 from tf_gradcam.targets import (
     LABELS,
     Target,
@@ -124,13 +125,15 @@ def explain_dataset(
     steps: int | None = None,
     overwrite: bool = False,
     verbose: int = 1,
+    method: str = "gradcam",
     **options: Any,
 ) -> DatasetSummary:
     """Explain every image of a data set, streaming each batch's maps to disk or a callback.
 
     Args:
-        model: a `keras.Model`, or a `GradCAM` already built (then `layer` and
-            `options` must be left out).
+        model: a `keras.Model`, or a CAM-family explainer already built
+            (`GradCAM`, `GradCAMPlusPlus`, `ScoreCAM`...; then `layer`,
+            `method` and `options` must be left out).
         data: a `tf.data.Dataset` or NumPy-like arrays. Each element (or the
             arrays) is `images`, `(images, labels)` or `(images, labels,
             extras)`; `images` is `(height, width, channels)` per element, or
@@ -166,7 +169,12 @@ def explain_dataset(
             (only files named `gradcam-<worker>-<batch>.npz`, and under a
             multi-worker strategy only this worker's) instead of failing.
         verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
-        **options: keyword options of `GradCAM` (with a model).
+        method: the CAM method, by name (`tf_gradcam.methods.METHODS`:
+            `"gradcam"`, `"gradcam++"`, `"scorecam"`...), with a model.
+        **options: keyword options of the method's class (with a model). An
+            option named like one of this function's (Score-CAM's
+            `batch_size`) cannot pass through: build the explainer, e.g.
+            `ScoreCAM(model, batch_size=64)`, and pass it as `model`.
 
     Returns:
         A `DatasetSummary` (counts, shard paths, wall time), never the maps.
@@ -177,6 +185,7 @@ def explain_dataset(
             number of labels (or extras) than images.
         TargetError: `target="labels"` without labels, or labels that are not
             class indices or one-hot rows, or classes out of the model's range.
+        UnknownMethodError: `method` names no CAM method.
         ValueError: an unknown field, `batch_size < 1`, `steps` that is not a
             positive int or `None`, an infinite dataset without `steps`, or
             earlier shards in `output_dir` without `overwrite=True`.
@@ -195,7 +204,7 @@ def explain_dataset(
     """
     start = time.perf_counter()
     _check_steps(steps)
-    cam = _explainer(model, layer, options)
+    cam = _explainer(model, layer, method, options)
     fields = _check_fields(fields)
     target = labels_target(target)
     _check_target(target)
@@ -279,15 +288,16 @@ def iter_shards(output_dir: str | os.PathLike) -> Iterator[dict[str, np.ndarray]
 # ------------------------------------------------------------------ set-up
 
 
-def _explainer(model: Any, layer: Any, options: dict) -> GradCAM:
+def _explainer(model: Any, layer: Any, method: str, options: dict) -> GradCAM:
     if isinstance(model, GradCAM):
-        if layer is not None or options:
+        if layer is not None or options or method != "gradcam":
             raise ValueError(
-                "Pass `layer` and GradCAM options when giving a model, not with a built "
-                f"GradCAM. Received: layer={layer!r}, options={sorted(options)}."
+                "Pass `layer`, `method` and method options when giving a model, not with a "
+                f"built {type(model).__name__}. Received: layer={layer!r}, method={method!r}, "
+                f"options={sorted(options)}."
             )
         return model
-    return GradCAM(model, layer, **options)
+    return get_method(method)(model, layer, **options)
 
 
 def _check_steps(steps: Any) -> None:

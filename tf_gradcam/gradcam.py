@@ -10,7 +10,6 @@ variant overrides one step, `channel_weights`, as in pytorch-grad-cam.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -25,7 +24,7 @@ from tf_gradcam.relu_rules import ReluOverride
 from tf_gradcam.submodel import CallOverride, build_gradient_model
 from tf_gradcam.targets import Target, TargetSpec
 
-__all__ = ["Explanation", "GradCAM", "explain"]
+__all__ = ["Explanation", "GradCAM"]
 
 _POOLINGS = ("mean", "max")
 
@@ -442,75 +441,3 @@ class GradCAM(_GradCAMSteps, Engine):
             >>> cam(images, target=TopK(5)).heatmaps.shape  # (batch, 5, H, W)
         """
         return self.compute(images, target).numpy()
-
-
-# explain()'s recently used explainers. A bounded LRU keyed by id(model), not a
-# WeakKeyDictionary: the cached GradCAM holds its model, which would keep a weak
-# key alive forever. At most _CACHE_SIZE models stay referenced.
-_CACHE: OrderedDict[tuple, GradCAM] = OrderedDict()
-_CACHE_SIZE = 8
-
-
-def _structure(model: keras.Model) -> tuple:
-    """What a cached explainer depends on: the model's layers and variables, by identity.
-
-    `Sequential.pop()` / `add()`, or a layer rebuilt with new variables, change it,
-    so `explain` never serves a gradient graph of an earlier model.
-    """
-    return (
-        tuple(id(layer) for layer in model.layers),
-        tuple(id(variable) for variable in model.weights),
-    )
-
-
-def explain(
-    model: keras.Model,
-    images: Any,
-    target: Target = None,
-    layer: str | keras.layers.Layer | None = None,
-    **options: Any,
-) -> Explanation:
-    """Grad-CAM in one call: `GradCAM(model, layer, **options)(images, target)`.
-
-    The `GradCAM` object is cached per model, layer and options, so repeated
-    calls do not rebuild or retrace.
-
-    Args:
-        model: a Functional or Sequential `keras.Model`.
-        images: `(batch, height, width, channels)` array, or a list/dict for
-            multi-input models.
-        target: `None`, an int, one int per image, `TopK(k)`, or a callable.
-        layer: name, path, `Layer` or `None` (automatic).
-        **options: keyword options of `GradCAM`.
-
-    Returns:
-        An `Explanation` of NumPy arrays.
-
-    Raises:
-        The errors of `GradCAM` and `GradCAM.__call__`.
-
-    Example:
-        >>> result = tf_gradcam.explain(model, images, target=3)
-        >>> result.heatmaps.shape
-        (8, 224, 224)
-    """
-    layer_key = id(layer) if isinstance(layer, keras.Operation) else layer
-    try:
-        key = (
-            id(model),
-            _structure(model),
-            layer_key,
-            tuple(sorted(options.items(), key=lambda kv: kv[0])),
-        )
-        hash(key)
-    except TypeError:  # unhashable option values: no caching
-        key = None
-    cam = _CACHE.get(key) if key is not None else None
-    if cam is None or cam.model is not model:
-        cam = GradCAM(model, layer, **options)
-    if key is not None:
-        _CACHE[key] = cam
-        _CACHE.move_to_end(key)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return cam(images, target)

@@ -1,9 +1,12 @@
-"""Grad-CAM and the variants that change one of its steps, side by side on the demo model.
+"""Every CAM method of the package side by side on the demo model.
 
-Explains the predicted class of generated scenes with Grad-CAM, XGrad-CAM,
-HiResCAM and LayerCAM at the demo model's last convolution and at the one
-before it, prints how often each map peaks on the object (pointing game), and
-saves a figure: one row per scene, one overlay per method at the last layer.
+Explains the predicted class of generated scenes with each method of
+`tf_gradcam.methods.METHODS` (Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM,
+LayerCAM, Score-CAM, Ablation-CAM, Eigen-CAM) and with Grad-CAM smoothed over
+noisy and mirrored copies, at the demo model's last convolution and at the one
+before it; prints how often each map peaks on the object (pointing game) and
+the time per image, and saves a figure: one row per scene, one overlay per
+method at the last layer.
 
 Run:
     python examples/methods.py --out examples/out
@@ -25,14 +28,14 @@ import matplotlib.pyplot as plt
 import tf_gradcam
 from tf_gradcam import metrics
 from tf_gradcam.demo_model import DEMO_CLASS_NAMES, load_demo_model
+from tf_gradcam.methods import METHODS as REGISTRY
+from tf_gradcam.methods import TITLES, get_method
 from tf_gradcam.scenes import make_scenes
 
-METHODS = {
-    "Grad-CAM": tf_gradcam.GradCAM,
-    "XGrad-CAM": tf_gradcam.XGradCAM,
-    "HiResCAM": tf_gradcam.HiResCAM,
-    "LayerCAM": tf_gradcam.LayerCAM,
-}
+METHODS = {TITLES[name]: get_method(name) for name in REGISTRY}
+METHODS["Grad-CAM, smoothed"] = lambda model, layer: tf_gradcam.Smoothed(
+    tf_gradcam.GradCAM(model, layer), noise=0.1, samples=8, flips=True
+)
 
 
 def main() -> None:
@@ -47,19 +50,23 @@ def main() -> None:
     scenes = make_scenes(args.scenes, seed=args.seed)
     layers = [p for p in tf_gradcam.layer_paths(model, spatial_only=True) if "conv" in p][-2:]
     print(f"pointing game on {args.scenes} scenes (map maximum on the object):")
-    print(f"  {'method':<10} " + " ".join(f"{layer:>10}" for layer in layers))
+    print(f"  {'method':<19}" + "".join(f"{layer:>11}{'ms/image':>10}" for layer in layers))
     results = {}
     for name, method in METHODS.items():
         row = []
         for layer in layers:
-            result = method(model, layer)(scenes.images)
+            explainer = method(model, layer)
+            explainer(scenes.images[:2])  # compile first: time the calls, not the tracing
+            begin = time.perf_counter()
+            result = explainer(scenes.images)
+            per_image = (time.perf_counter() - begin) / len(scenes.images) * 1e3
             hits = metrics.pointing_game(result.heatmaps, scenes.masks[:, 0])
-            row.append(f"{metrics.pointing_accuracy(hits):10.1%}")
+            row.append(f"{metrics.pointing_accuracy(hits):11.1%}{per_image:10.2f}")
             results[name, layer] = result
-        print(f"  {name:<10} " + " ".join(row))
+        print(f"  {name:<19}" + "".join(row))
 
     shown = 3
-    figure, axes = plt.subplots(shown, len(METHODS), figsize=(1.8 * len(METHODS), 1.9 * shown))
+    figure, axes = plt.subplots(shown, len(METHODS), figsize=(1.6 * len(METHODS), 1.8 * shown))
     for column, name in enumerate(METHODS):
         result = results[name, layers[-1]]
         pictures = tf_gradcam.overlay(scenes.images[:shown], result.heatmaps[:shown])
@@ -69,7 +76,7 @@ def main() -> None:
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title(name, fontsize=9)
+                axis.set_title(name.replace(", ", ",\n"), fontsize=8)
             if column == 0:
                 axis.set_ylabel(DEMO_CLASS_NAMES[result.classes[row]], fontsize=8)
     figure.tight_layout()

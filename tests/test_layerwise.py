@@ -104,3 +104,55 @@ def test_wrong_length_targets_inside_tf_function_are_named(cnn, images):
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="gives 3 classes but the batch"):
         dynamic(tf.constant(images))
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "layercam", "hirescam"])
+def test_every_layer_gets_the_named_method(method):
+    """method=: each layer's explanation is that method's on that layer alone."""
+    import tf_gradcam
+
+    model = _nested_model()
+    images = np.random.default_rng(4).random((3, 16, 16, 3), dtype=np.float32)
+    paths = ["backbone/b_conv1", "backbone/b_conv2", "top_conv"]
+    results = MultiLayerGradCAM(model, paths, method=method)(images, target=1)
+    assert isinstance(results, tf_gradcam.LayerExplanations) and isinstance(results, dict)
+    cls = tf_gradcam.methods.get_method(method)
+    for path in paths:
+        _assert_same(results[path], cls(model, path)(images, target=1))
+
+
+def test_layercam_fusion_is_the_max_of_tanh_scaled_upsampled_maps():
+    """fused(): tanh(γ·M/max M) per layer, bilinear to the input size, element-wise max (eq. 9)."""
+    import tensorflow as tf
+
+    model = _nested_model()
+    images = np.random.default_rng(5).random((2, 16, 16, 3), dtype=np.float32)
+    results = MultiLayerGradCAM(model, ["backbone/b_conv1", "backbone/b_conv2"], method="layercam")(
+        images, target=2
+    )
+    expected = None
+    for explanation in results.values():
+        maps = explanation.maps.astype(np.float64)
+        high = maps.max(axis=(1, 2), keepdims=True)
+        scaled = np.tanh(2.0 * np.divide(maps, high, out=np.zeros_like(maps), where=high > 0))
+        up = tf.image.resize(scaled[..., None], (16, 16), method="bilinear").numpy()[..., 0]
+        expected = up if expected is None else np.maximum(expected, up)
+    fused = results.fused()
+    np.testing.assert_allclose(fused, expected, atol=1e-5)
+    # the shallow layer wins somewhere and the deep one elsewhere: a real fusion
+    shallow, deep = (np.asarray(e.heatmaps) for e in results.values())
+    assert (shallow > deep + 0.05).any() and (deep > shallow + 0.05).any()
+    plain = results.fused(gamma=0)
+    assert np.abs(plain - fused).max() > 0.05
+
+
+def test_methods_without_per_layer_gradient_steps_are_refused(cnn):
+    """Score-CAM needs its own passes per layer; Grad-CAM's ablations belong to Grad-CAM."""
+    import tf_gradcam
+
+    with pytest.raises(tf_gradcam.UnknownMethodError, match="method='scorecam'"):
+        MultiLayerGradCAM(cnn, method="scorecam")
+    with pytest.raises(ValueError, match="pooling"):
+        MultiLayerGradCAM(cnn, method="layercam", pooling="max")
+    with pytest.raises(ValueError, match="gamma=-1"):
+        MultiLayerGradCAM(cnn, ["conv1"])(np.zeros((1, 16, 16, 3), np.float32)).fused(gamma=-1)

@@ -62,6 +62,7 @@ _SOURCES: dict[str, str] = {
     "guided_relu": "relu_rules",
     "normalize_gradients": "image",
     "overlay": "image",
+    "LayerExplanations": "layerwise",
     "MultiLayerGradCAM": "layerwise",
     "explain_layers": "layerwise",
     "plot_layers": "layerwise",
@@ -94,6 +95,7 @@ __all__ = [
     "HiResCAM",
     "InputError",
     "LayerCAM",
+    "LayerExplanations",
     "LayerNotFoundError",
     "MultiLayerGradCAM",
     "NoGradientError",
@@ -149,7 +151,12 @@ if TYPE_CHECKING:
         PixelExplanation,
     )
     from tf_gradcam.image import normalize_gradients, overlay
-    from tf_gradcam.layerwise import MultiLayerGradCAM, explain_layers, plot_layers
+    from tf_gradcam.layerwise import (
+        LayerExplanations,
+        MultiLayerGradCAM,
+        explain_layers,
+        plot_layers,
+    )
     from tf_gradcam.methods import explain
     from tf_gradcam.relu_rules import DeconvReLU, GuidedReLU, deconv_relu, guided_relu
     from tf_gradcam.smoothing import Smoothed

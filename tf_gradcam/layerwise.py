@@ -27,10 +27,16 @@ import numpy as np
 import tensorflow as tf
 
 from tf_gradcam.engine import Engine, score_columns
-from tf_gradcam.errors import LayerNotFoundError, NoGradientError, NotSpatialError
+from tf_gradcam.errors import (
+    LayerNotFoundError,
+    NoGradientError,
+    NotSpatialError,
+    UnknownMethodError,
+)
 from tf_gradcam.gradcam import Explanation, _GradCAMSteps
-from tf_gradcam.image import overlay
+from tf_gradcam.image import overlay, upsample_maps
 from tf_gradcam.keras_adapter import is_expandable
+from tf_gradcam.methods import get_method, method_name
 from tf_gradcam.submodel import (
     _is_spatial,
     _resolve_path,
@@ -40,9 +46,61 @@ from tf_gradcam.submodel import (
 )
 from tf_gradcam.targets import Target, TargetSpec
 
-__all__ = ["MultiLayerGradCAM", "explain_layers", "plot_layers"]
+__all__ = ["LayerExplanations", "MultiLayerGradCAM", "explain_layers", "plot_layers"]
 
 LayerArgument = str | keras.layers.Layer
+
+#: Methods whose steps after the gradients apply per layer (their class overrides
+#: only `channel_weights` and `weighted_sum`).
+_GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
+
+
+class LayerExplanations(dict):
+    """`{layer path: Explanation}` in the model's call order, and their LayerCAM fusion.
+
+    A `dict` (so `results["last_conv"]`, `.items()` and `plot_layers` work as
+    for any mapping) of the same `Explanation`s every CAM method returns.
+    """
+
+    def fused(self, *, gamma: float = 2.0) -> np.ndarray:
+        """The layers' maps fused as LayerCAM does (Jiang et al., IEEE TIP 2021, §III-C).
+
+        Each layer's map `M` is scaled at its own resolution to
+        `tanh(γ · M / max M)` (eq. 9, which lifts the weak but precise
+        responses of shallow layers), upsampled bilinearly to the input size
+        and fused by the element-wise maximum over layers (as torchcam's
+        `LayerCAM.fuse_cams`). With `gamma=0` the scaling is left out
+        (`M / max M`). Meant for `method="layercam"`; it applies to any
+        rectified maps.
+
+        Args:
+            gamma: the scaling strength γ of eq. 9 (≥ 0; the paper uses 2).
+
+        Returns:
+            `(batch, height, width)` float32 in [0, 1] (a `k` axis after the
+            batch axis for `TopK` targets); an all-zero map stays zero.
+
+        Raises:
+            ValueError: `gamma` is negative, or there are no layers.
+
+        Example:
+            >>> fused = MultiLayerGradCAM(model, layers, method="layercam")(images).fused()
+        """
+        if not isinstance(gamma, (int, float)) or not np.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"`gamma` must be a finite number >= 0. Received: gamma={gamma!r}.")
+        if not self:
+            raise ValueError("There are no layer explanations to fuse.")
+        size = max((e.heatmaps.shape[-2:] for e in self.values()), key=lambda s: s[0] * s[1])
+        fused = None
+        for explanation in self.values():
+            maps = tf.convert_to_tensor(explanation.maps, tf.float32)
+            high = tf.reduce_max(maps, axis=[-2, -1], keepdims=True)
+            scaled = tf.math.divide_no_nan(maps, high)
+            if gamma > 0:
+                scaled = tf.tanh(gamma * scaled)
+            upsampled = tf.clip_by_value(upsample_maps(scaled, tf.constant(size)), 0.0, 1.0)
+            fused = upsampled if fused is None else tf.maximum(fused, upsampled)
+        return fused.numpy()
 
 
 class _LayersModel:
@@ -130,10 +188,12 @@ class _LayersModel:
 class MultiLayerGradCAM(_GradCAMSteps, Engine):
     """Grad-CAM for several layers of a model at once (Appendix B.1, Fig. 13).
 
-    Every layer's map is exactly `GradCAM(model, layer, **options)`'s, but
-    all layers share one forward and one backward pass, compiled once per
-    image size and target kind, as in `GradCAM`. A sibling of `GradCAM` over
-    the same engine, with the same Grad-CAM steps and options.
+    Every layer's map is exactly `GradCAM(model, layer, **options)`'s (or,
+    with `method=`, that gradient method's), but all layers share one forward
+    and one backward pass, compiled once per image size and target kind, as
+    in `GradCAM`. A sibling of `GradCAM` over the same engine, with the same
+    Grad-CAM steps and options. `method="layercam"` with
+    `LayerExplanations.fused()` is LayerCAM's multi-layer fusion.
 
     Args:
         model: a Functional or Sequential `keras.Model` (nested models are fine).
@@ -150,8 +210,13 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
         call_override: advanced: replaces layer calls in the gradient graph.
         relu_gradients: `"guided"` or `"deconv"` backward rule for every ReLU.
         jit_compile: compile the step with XLA.
+        method: the gradient method applied at every layer: `"gradcam"`
+            (default), `"gradcam++"`, `"xgradcam"`, `"hirescam"` or
+            `"layercam"`; the pooling/counterfactual options are Grad-CAM's.
 
     Raises:
+        UnknownMethodError: `method` is no gradient CAM method.
+        ValueError: Grad-CAM's pooling/counterfactual options with another method.
         LayerNotFoundError: a layer is unknown, ambiguous or shared.
         NotSpatialError: a layer's output is not 4-D, or the model has none.
         The other errors of `GradCAM`.
@@ -177,7 +242,21 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
         call_override: Any = None,
         relu_gradients: str | None = None,
         jit_compile: bool = False,
+        method: str = "gradcam",
     ) -> None:
+        name = method_name(method)
+        if name not in _GRADIENT_METHODS:
+            raise UnknownMethodError(
+                f"MultiLayerGradCAM applies a gradient method at every layer: one of "
+                f"{', '.join(_GRADIENT_METHODS)}. Received: method={method!r}; explain "
+                "other methods one layer at a time."
+            )
+        self._method = get_method(name)
+        if name != "gradcam" and (pooling != "mean" or counterfactual or absolute_gradients):
+            raise ValueError(
+                "`pooling`, `counterfactual` and `absolute_gradients` are Grad-CAM's "
+                f"options; method={method!r} does not take them."
+            )
         call_override = self._set_options(
             model, pooling, relu, counterfactual, absolute_gradients, call_override, relu_gradients
         )
@@ -190,6 +269,14 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
             output=output,
             jit_compile=jit_compile,
         )
+
+    def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        return self._method.channel_weights(self, activations, gradients)
+
+    def weighted_sum(
+        self, activations: tf.Tensor, gradients: tf.Tensor, weights: tf.Tensor
+    ) -> tf.Tensor:
+        return self._method.weighted_sum(self, activations, gradients, weights)
 
     @property
     def layers(self) -> list[str]:
@@ -233,7 +320,7 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
             )
         return results
 
-    def compute(self, images: Any, target: Target = None) -> dict[str, Explanation]:
+    def compute(self, images: Any, target: Target = None) -> LayerExplanations:
         """Like calling the object, but the explanations hold `tf.Tensor`s.
 
         Args:
@@ -242,7 +329,8 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
             target: what to explain, as for `GradCAM` (the same for every layer).
 
         Returns:
-            `{layer path: Explanation}` in the model's call order.
+            `LayerExplanations`: `{layer path: Explanation}` in the model's
+            call order.
 
         Raises:
             The errors of `GradCAM.compute`.
@@ -251,7 +339,7 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
             >>> heat = cams.compute(x, target=3)["last_conv"].heatmaps
         """
         per_layer, spec = self._run(images, target)
-        explanations = {}
+        explanations = LayerExplanations()
         for path, result in per_layer.items():  # the step already dropped the k axis
             explanations[path] = Explanation(
                 heatmaps=result["heatmaps"],
@@ -280,7 +368,7 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
                 stacklevel=4,  # the caller of __call__
             )
 
-    def __call__(self, images: Any, target: Target = None) -> dict[str, Explanation]:
+    def __call__(self, images: Any, target: Target = None) -> LayerExplanations:
         """Explain a batch of images at every chosen layer.
 
         Args:
@@ -290,9 +378,9 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
                 `TopK(k)`, or a callable `outputs -> (batch,)` score.
 
         Returns:
-            `{layer path: Explanation}` of NumPy arrays, in the model's call
-            order. Every heatmap is at the input size; `maps` keep each
-            layer's own resolution.
+            `LayerExplanations`: `{layer path: Explanation}` of NumPy arrays,
+            in the model's call order. Every heatmap is at the input size;
+            `maps` keep each layer's own resolution.
 
         Raises:
             The errors of `GradCAM.__call__`.
@@ -301,7 +389,9 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
             >>> results = cams(images)
             >>> results["last_conv"].heatmaps.shape   # (batch, height, width)
         """
-        return {path: e.numpy() for path, e in self.compute(images, target).items()}
+        return LayerExplanations(
+            (path, e.numpy()) for path, e in self.compute(images, target).items()
+        )
 
 
 def explain_layers(
@@ -310,7 +400,7 @@ def explain_layers(
     target: Target = None,
     layers: Sequence[LayerArgument] | LayerArgument | None = None,
     **options: Any,
-) -> dict[str, Explanation]:
+) -> LayerExplanations:
     """Grad-CAM at several layers in one call: `MultiLayerGradCAM(model, layers)(images, target)`.
 
     Args:
@@ -320,10 +410,10 @@ def explain_layers(
         target: `None`, an int, one int per image, `TopK(k)`, or a callable.
         layers: layer names, paths or `Layer`s; `None` for every layer with a
             4-D output (see `MultiLayerGradCAM`).
-        **options: keyword options of `GradCAM`.
+        **options: keyword options of `MultiLayerGradCAM` (`method=` too).
 
     Returns:
-        `{layer path: Explanation}` of NumPy arrays, in the model's call order.
+        `LayerExplanations` of NumPy arrays, in the model's call order.
 
     Raises:
         The errors of `MultiLayerGradCAM`.

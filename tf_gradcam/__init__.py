@@ -42,6 +42,8 @@ _SOURCES: dict[str, str] = {
     "UnknownMethodError": "errors",
     "UnsupportedLayerError": "errors",
     "UnsupportedModelError": "errors",
+    "AblationCAM": "perturbation",
+    "ScoreCAM": "perturbation",
     "EigenCAM": "cams",
     "GradCAMPlusPlus": "cams",
     "HiResCAM": "cams",
@@ -75,6 +77,7 @@ _SOURCES: dict[str, str] = {
 }
 
 __all__ = [
+    "AblationCAM",
     "AnswerScore",
     "BackendError",
     "CaptionLogProb",
@@ -101,6 +104,7 @@ __all__ = [
     "NoGradientError",
     "NotSpatialError",
     "PixelExplanation",
+    "ScoreCAM",
     "Smoothed",
     "TargetError",
     "TopK",
@@ -158,6 +162,7 @@ if TYPE_CHECKING:
         plot_layers,
     )
     from tf_gradcam.methods import explain
+    from tf_gradcam.perturbation import AblationCAM, ScoreCAM
     from tf_gradcam.relu_rules import DeconvReLU, GuidedReLU, deconv_relu, guided_relu
     from tf_gradcam.smoothing import Smoothed
     from tf_gradcam.submodel import layer_paths

@@ -400,10 +400,11 @@ class GradCAM(_GradCAMSteps, Engine):
         ):
             self._warned_degenerate = True
             count = int(np.count_nonzero(result["degenerate"].numpy()))
+            remedy = "or `counterfactual=True`" if type(self) is GradCAM else "or another method"
             warnings.warn(
-                f"{count} Grad-CAM map(s) at layer {self.layer!r} are all zero: no region "
-                "has a positive influence on the target (see `Explanation.degenerate`). "
-                "Try an earlier layer, another class, or `counterfactual=True`. "
+                f"{count} {type(self).__name__} map(s) at layer {self.layer!r} are all zero: "
+                "no region has a positive influence on the target (see "
+                f"`Explanation.degenerate`). Try an earlier layer, another class, {remedy}. "
                 "This warning is shown once.",
                 RuntimeWarning,
                 stacklevel=4,

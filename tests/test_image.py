@@ -62,3 +62,40 @@ def test_overlay_rejects_mismatched_shapes_and_alpha():
         overlay(np.zeros((2, 4, 4, 3)), np.zeros((2, 2, 2)))
     with pytest.raises(ValueError, match=r"Received: alpha=1\.5"):
         overlay(np.zeros((4, 4, 3)), np.zeros((4, 4)), alpha=1.5)
+
+
+def _linear_half_pixel(values: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Half-pixel linear interpolation along one axis with np.interp (edge values held)."""
+    n = values.shape[axis]
+    positions = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+    return np.apply_along_axis(lambda v: np.interp(positions, np.arange(n), v), axis, values)
+
+
+def test_upsample_maps_in_one_and_three_dimensions_is_separable_linear_interpolation():
+    """1-D: linear; 3-D: trilinear = linear along each axis in turn (NumPy np.interp)."""
+    from tf_gradcam.image import upsample_maps
+
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(2, 3, 12))
+    expected = _linear_half_pixel(signal, 50, axis=-1)
+    np.testing.assert_allclose(upsample_maps(signal, (50,)), expected, atol=1e-5)
+    volume = rng.normal(size=(2, 1, 4, 5, 3))
+    expected = volume
+    for axis, size in zip((-3, -2, -1), (9, 16, 7), strict=True):
+        expected = _linear_half_pixel(expected, size, axis=axis)
+    np.testing.assert_allclose(upsample_maps(volume, (9, 16, 7)), expected, atol=1e-5)
+    image = rng.normal(size=(3, 7, 6))
+    expected = _linear_half_pixel(_linear_half_pixel(image, 20, axis=-2), 11, axis=-1)
+    np.testing.assert_allclose(upsample_maps(image, (20, 11)), expected, atol=1e-5)
+
+
+def test_normalize_maps_scales_each_volume_alone():
+    """axes=3: every (d, h, w) map divided by its own maximum; a zero map stays zero."""
+    from tf_gradcam.image import normalize_maps
+
+    maps = np.random.default_rng(1).random((2, 4, 3, 5, 6)).astype(np.float32)
+    maps[1, 2] = 0.0
+    scaled, degenerate = normalize_maps(maps, axes=3)
+    expected = maps / np.maximum(maps.max(axis=(2, 3, 4), keepdims=True), 1e-30)
+    np.testing.assert_allclose(scaled, expected, rtol=1e-6)
+    assert degenerate.numpy().tolist() == [[False] * 4, [False, False, True, False]]

@@ -16,15 +16,21 @@ __all__ = ["normalize_gradients", "normalize_maps", "overlay", "upsample_maps"]
 
 
 def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
-    """Bilinearly resize maps to an image size (paper §3.2).
+    """Resize maps to an input's size: bilinearly in 2-D (paper §3.2), linearly per axis otherwise.
 
     Args:
-        maps: `(..., h, w)` maps; leading axes (batch, k) are kept.
-        size: `(height, width)` of the output.
+        maps: `(..., h, w)` maps; leading axes (batch, k) are kept. With a
+            `size` of one or three numbers, `(..., length)` or
+            `(..., d, h, w)` maps (Conv1D signals, Conv3D volumes).
+        size: the output's spatial size, `(height, width)` (or `(length,)`,
+            `(depth, height, width)`); its length is the number of trailing
+            axes resized.
 
     Returns:
-        `(..., height, width)` float32 maps. Half-pixel centres, no antialiasing
-        (the same convention as OpenCV's `cv2.resize(..., INTER_LINEAR)`).
+        `(..., *size)` float32 maps. Half-pixel centres, no antialiasing
+        (the same convention as OpenCV's `cv2.resize(..., INTER_LINEAR)`);
+        1-D and 3-D maps are interpolated linearly / trilinearly with the same
+        convention along each axis.
 
     Example:
         >>> upsample_maps(np.ones((2, 7, 7)), (224, 224)).shape
@@ -32,22 +38,27 @@ def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
     """
     maps = tf.convert_to_tensor(maps, tf.float32)
     size = tf.cast(size, tf.int32)
+    axes = int(size.shape[0])
     shape = tf.shape(maps)
-    h, w = shape[-2], shape[-1]
-    # Bilinear resizing is separable and linear: out = R_h · map · R_wᵀ. Two small
-    # matrix products beat tf.image.resize on single-channel maps (~4x on 160
-    # 7x7 -> 224x224 maps, CPU) and give the same values to float rounding.
-    rows = _interpolation_matrix(h, size[0])
-    cols = _interpolation_matrix(w, size[1])
+    # Linear interpolation is separable: each spatial axis is resized by one
+    # small matrix product, out = R · map along that axis. Two such products beat
+    # tf.image.resize on single-channel maps (~4x on 160 7x7 -> 224x224 maps,
+    # CPU) and give the same values to float rounding.
+    #
     # Rank-2 MatMuls only, never a batched or broadcast one: oneDNN's batched
     # matmul corrupts memory on broadcast batch axes such as (n, 1, h, w) maps
     # (docs/known-issues.md), and an einsum here lowers to exactly that in the
-    # backward pass. The leading axes are folded into the rows instead.
-    x = tf.transpose(tf.reshape(maps, [-1, h, w]), [0, 2, 1])  # (B, w, h)
-    x = tf.matmul(tf.reshape(x, [-1, h]), rows, transpose_b=True)  # (B·w, H)
-    x = tf.transpose(tf.reshape(x, [-1, w, size[0]]), [0, 2, 1])  # (B, H, w)
-    x = tf.matmul(tf.reshape(x, [-1, w]), cols, transpose_b=True)  # (B·H, W)
-    return tf.reshape(x, tf.concat([shape[:-2], size], axis=0))
+    # backward pass. The other axes are folded into the rows instead.
+    x = tf.reshape(maps, tf.concat([[-1], shape[-axes:]], axis=0))  # (B, s_1, ..., s_r)
+    for axis in range(1, axes + 1):
+        weights = _interpolation_matrix(tf.shape(x)[axis], size[axis - 1])
+        order = [0, *[a for a in range(1, axes + 1) if a != axis], axis]
+        moved = tf.transpose(x, order)  # the resized axis last
+        moved_shape = tf.shape(moved)
+        resized = tf.matmul(tf.reshape(moved, [-1, moved_shape[-1]]), weights, transpose_b=True)
+        resized = tf.reshape(resized, tf.concat([moved_shape[:-1], size[axis - 1 : axis]], 0))
+        x = tf.transpose(resized, np.argsort(order))  # back in place
+    return tf.reshape(x, tf.concat([shape[:-axes], size], axis=0))
 
 
 def _interpolation_matrix(size_in: tf.Tensor, size_out: tf.Tensor) -> tf.Tensor:
@@ -64,13 +75,17 @@ def _interpolation_matrix(size_in: tf.Tensor, size_out: tf.Tensor) -> tf.Tensor:
     return weights[:, :, 0]
 
 
-def normalize_maps(maps: Any, *, signed: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+def normalize_maps(
+    maps: Any, *, signed: bool = False, axes: int = 2
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Scale each map into [0, 1]; a degenerate map becomes all zeros, never NaN.
 
     Args:
         maps: `(..., height, width)` maps; each trailing 2-D map is scaled alone.
         signed: `False` for rectified maps (divide by the maximum, so 0 stays 0);
             `True` for maps that may be negative (min-max scaling).
+        axes: how many trailing axes one map spans: 2 for images, 1 for
+            signals, 3 for volumes.
 
     Returns:
         `(normalized, degenerate)`: the scaled maps and a boolean per map that is
@@ -82,15 +97,16 @@ def normalize_maps(maps: Any, *, signed: bool = False) -> tuple[tf.Tensor, tf.Te
         (True, 0.0)
     """
     maps = tf.convert_to_tensor(maps, tf.float32)
-    finite = tf.reduce_all(tf.math.is_finite(maps), axis=[-2, -1])
+    spatial = list(range(-axes, 0))
+    finite = tf.reduce_all(tf.math.is_finite(maps), axis=spatial)
     maps = tf.where(tf.math.is_finite(maps), maps, tf.zeros_like(maps))
-    high = tf.reduce_max(maps, axis=[-2, -1], keepdims=True)
-    low = tf.reduce_min(maps, axis=[-2, -1], keepdims=True) if signed else tf.zeros_like(high)
+    high = tf.reduce_max(maps, axis=spatial, keepdims=True)
+    low = tf.reduce_min(maps, axis=spatial, keepdims=True) if signed else tf.zeros_like(high)
     span = high - low
     ok = span > 0
     scaled = tf.where(ok, (maps - low) / tf.where(ok, span, tf.ones_like(span)), 0.0)
     scaled = tf.clip_by_value(scaled, 0.0, 1.0)
-    degenerate = tf.logical_or(tf.logical_not(finite), tf.logical_not(ok[..., 0, 0]))
+    degenerate = tf.logical_or(tf.logical_not(finite), tf.logical_not(tf.squeeze(ok, spatial)))
     return scaled, degenerate
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_gradcam.errors import UnsupportedLayerError
-from tf_gradcam.gradcam import GradCAM
+from tf_gradcam.gradcam import GradCAM, spatial_axes
 from tf_gradcam.targets import TargetSpec
 
 __all__ = ["EigenCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "XGradCAM"]
@@ -89,9 +90,10 @@ class GradCAMPlusPlus(_GradientVariant):
     def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
         g2 = tf.square(gradients)
         g3 = g2 * gradients
-        total = tf.reduce_sum(activations, axis=[1, 2])[:, None, None, None, :]
+        spatial = spatial_axes(activations, batch_axes=1)
+        total = tf.reduce_sum(activations, axis=spatial, keepdims=True)[:, None]
         alpha = tf.math.divide_no_nan(g2, 2.0 * g2 + total * g3)
-        return tf.reduce_sum(alpha * tf.nn.relu(gradients), axis=[2, 3])
+        return tf.reduce_sum(alpha * tf.nn.relu(gradients), axis=spatial_axes(gradients))
 
 
 class XGradCAM(_GradientVariant):
@@ -116,8 +118,9 @@ class XGradCAM(_GradientVariant):
 
     def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
         a = activations[:, None]  # (batch, 1, h, w, channels) against (batch, k, h, w, channels)
-        share = tf.math.divide_no_nan(a, tf.reduce_sum(a, axis=[2, 3], keepdims=True))
-        return tf.reduce_sum(share * gradients, axis=[2, 3])
+        spatial = spatial_axes(gradients)
+        share = tf.math.divide_no_nan(a, tf.reduce_sum(a, axis=spatial, keepdims=True))
+        return tf.reduce_sum(share * gradients, axis=spatial)
 
 
 class HiResCAM(_GradientVariant):
@@ -164,7 +167,7 @@ class LayerCAM(_GradientVariant):
     """
 
     def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        return tf.reduce_mean(tf.nn.relu(gradients), axis=[2, 3])
+        return tf.reduce_mean(tf.nn.relu(gradients), axis=spatial_axes(gradients))
 
     def weighted_sum(self, activations: Any, gradients: Any, weights: Any) -> tf.Tensor:
         return tf.reduce_sum(activations[:, None] * tf.nn.relu(gradients), axis=-1)
@@ -241,7 +244,9 @@ class EigenCAM(GradCAM):
         self._check_channels()
         activations, _, scores, resolved = self.forward(inputs, classes, spec)
         shape = tf.shape(activations)
-        rows = tf.reshape(activations, [shape[0], shape[1] * shape[2], shape[3]])
+        spatial = activations.shape[1:-1]
+        positions = -1 if None in spatial else int(np.prod(spatial))  # static: SVD's gradient
+        rows = tf.reshape(activations, [shape[0], positions, shape[-1]])  # needs it
         mean = tf.reduce_mean(rows, axis=2)  # the channel mean m, (batch, h·w)
         if self.center:
             rows = rows - tf.reduce_mean(rows, axis=1, keepdims=True)
@@ -249,7 +254,7 @@ class EigenCAM(GradCAM):
         projection = u[:, :, 0] * singular[:, :1]  # O v1 = σ1 u1, (batch, h·w)
         agreement = tf.reduce_sum(projection * mean, axis=1, keepdims=True)
         sign = tf.where(agreement < 0, -1.0, 1.0)
-        raw = tf.reshape(projection * sign, shape[:3])
+        raw = tf.reshape(projection * sign, shape[:-1])
         weights = v[:, :, 0] * sign
         k = tf.shape(scores)[1]
         raw = tf.repeat(raw[:, None], k, axis=1)  # one map for every target

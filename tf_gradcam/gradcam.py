@@ -71,6 +71,25 @@ class Explanation:
         return replace(self, **converted)
 
 
+def spatial_axes(tensor: tf.Tensor, *, batch_axes: int = 2) -> list[int]:
+    """The spatial axes of a `(batch, [k,] *spatial, channels)` tensor: all but the first and last.
+
+    Args:
+        tensor: activations (`batch_axes=1`) or per-target gradients (`batch_axes=2`).
+        batch_axes: how many leading axes are not spatial.
+
+    Returns:
+        The axis indices, `[2, 3]` for `(batch, k, h, w, channels)` gradients.
+    """
+    return list(range(batch_axes, tensor.shape.rank - 1))
+
+
+def channels_last(tensor: tf.Tensor, *, batch_axes: int = 1) -> tf.Tensor:
+    """`(batch, [k,] channels, *spatial)` → `(batch, [k,] *spatial, channels)`."""
+    rank = tensor.shape.rank
+    return tf.transpose(tensor, [*range(batch_axes), *range(batch_axes + 1, rank), batch_axes])
+
+
 class _GradCAMSteps:
     """Grad-CAM's options and its steps after the gradients (eqs. 1–2).
 
@@ -126,8 +145,8 @@ class _GradCAMSteps:
         if self.counterfactual:
             gradients = -gradients
         if self.pooling == "max":
-            return tf.reduce_max(gradients, axis=[2, 3])
-        return tf.reduce_mean(gradients, axis=[2, 3])
+            return tf.reduce_max(gradients, axis=spatial_axes(gradients))
+        return tf.reduce_mean(gradients, axis=spatial_axes(gradients))
 
     def weighted_sum(
         self, activations: tf.Tensor, gradients: tf.Tensor, weights: tf.Tensor
@@ -135,9 +154,15 @@ class _GradCAMSteps:
         """The signed map `Σ_k α_k A^k` `(batch, k, h, w)` (eq. 2 before the ReLU).
 
         Element-wise variants (HiResCAM, LayerCAM) override this step instead of
-        `channel_weights`.
+        `channel_weights`. For 1-D and 3-D feature maps the map has their
+        spatial axes, `(batch, k, length)` or `(batch, k, d, h, w)`.
         """
-        return tf.einsum("nhwc,nkc->nkhw", activations, weights)
+        if activations.shape.rank == 4:
+            return tf.einsum("nhwc,nkc->nkhw", activations, weights)
+        shape = tf.shape(activations)
+        rows = tf.reshape(activations, [shape[0], -1, shape[-1]])  # (batch, positions, C)
+        flat = tf.einsum("npc,nkc->nkp", rows, weights)
+        return tf.reshape(flat, tf.concat([shape[:1], tf.shape(weights)[1:2], shape[1:-1]], 0))
 
     def maps_from_gradients(
         self,
@@ -184,8 +209,11 @@ class _GradCAMSteps:
         maps = tf.nn.relu(raw) if self.relu else raw
         if size is None:
             size = self.gradient_model.image_size(inputs)
-        heatmaps, degenerate = normalize_maps(upsample_maps(maps, size), signed=not self.relu)
-        finite = tf.reduce_all(tf.math.is_finite(raw), axis=[2, 3])
+        axes = raw.shape.rank - 2
+        heatmaps, degenerate = normalize_maps(
+            upsample_maps(maps, size), signed=not self.relu, axes=axes
+        )
+        finite = tf.reduce_all(tf.math.is_finite(raw), axis=list(range(2, 2 + axes)))
         clean = tf.where(tf.math.is_finite(raw), raw, 0.0)
         return {
             "heatmaps": heatmaps,
@@ -321,8 +349,8 @@ class GradCAM(_GradCAMSteps, Engine):
         activations = tf.cast(activations, tf.float32)
         grads = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
         if gradient_model.channels_first:
-            activations = tf.transpose(activations, [0, 2, 3, 1])
-            grads = tf.transpose(grads, [0, 1, 3, 4, 2])
+            activations = channels_last(activations)
+            grads = channels_last(grads, batch_axes=2)
         if spec.kind != "top_k":
             scores = scores[:, None]
             resolved = resolved[:, None]
@@ -343,7 +371,7 @@ class GradCAM(_GradCAMSteps, Engine):
         scores, resolved = self.target_scores(outputs, classes, spec)
         activations = tf.cast(activations, tf.float32)
         if self.gradient_model.channels_first:
-            activations = tf.transpose(activations, [0, 2, 3, 1])
+            activations = channels_last(activations)
         if spec.kind != "top_k":
             scores = scores[:, None]
             resolved = resolved[:, None]

@@ -33,7 +33,7 @@ from tf_gradcam.errors import (
     NotSpatialError,
     UnknownMethodError,
 )
-from tf_gradcam.gradcam import Explanation, _GradCAMSteps
+from tf_gradcam.gradcam import Explanation, _GradCAMSteps, channels_last
 from tf_gradcam.image import overlay, upsample_maps
 from tf_gradcam.keras_adapter import is_expandable
 from tf_gradcam.methods import get_method, method_name
@@ -311,8 +311,8 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
             layer_activations = tf.cast(activations[i], tf.float32)
             grads = tf.stack([tf.cast(g[i], tf.float32) for g in per_column], axis=1)
             if gradient_model.channels_first[i]:
-                layer_activations = tf.transpose(layer_activations, [0, 2, 3, 1])
-                grads = tf.transpose(grads, [0, 1, 3, 4, 2])
+                layer_activations = channels_last(layer_activations)
+                grads = channels_last(grads, batch_axes=2)
             index, channels_first = gradient_model.images[i]
             size = image_size(image_of(inputs, index), channels_first)
             results[path] = self.maps_from_gradients(

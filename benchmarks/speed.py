@@ -31,6 +31,10 @@ Grappler's pruning), Grad-CAM's compiled step against the forward pass.
 
 Models use `weights=None` (random weights, nothing is downloaded) at 224x224.
 
+The other CAM methods (Grad-CAM++, XGrad-CAM, HiResCAM, LayerCAM, Eigen-CAM,
+Score-CAM, Ablation-CAM, tf-keras-vis `Scorecam`) are timed against their
+floors by `benchmarks/methods_speed.py`, which reuses this script's helpers.
+
 Run:
     python benchmarks/speed.py                       # full table (minutes)
     python benchmarks/speed.py --quick               # MobileNetV2, batches 1 and 8

@@ -24,6 +24,18 @@ Conventions shared by every function:
 - Images are `(batch, height, width, channels)`. A model is a `keras.Model`
   (called with `training=False`) or any callable mapping images to
   `(batch, classes)` scores.
+- Signals and volumes (Conv1D and Conv3D models): the functions that do not
+  need image boxes, `pointing_game`, `pointing_game_top_k`,
+  `rank_correlation`, `inside_outside_ratio`, `occlusion_map`,
+  `deletion_curve` and `insertion_curve`, take `axes=1` for signal maps
+  `(batch, length)` (inputs `(batch, length, channels)`) and `axes=3` for
+  volume maps `(batch, depth, height, width)` (inputs `(batch, depth, height,
+  width, channels)`); the default `axes=2` is the image layout above. Objects
+  are then boolean masks of the maps' shape (boxes exist for images only),
+  and distances are Euclidean between index vectors. `box_from_heatmap`,
+  `iou` and `localization_error` work on image boxes only; a `(batch,
+  length)` signal map cannot be told from one `(height, width)` image map,
+  so do not pass one to them.
 
 Nothing here imports TensorFlow; a Keras model passed in is simply called.
 """
@@ -31,6 +43,7 @@ Nothing here imports TensorFlow; a Keras model passed in is simply called.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -92,8 +105,10 @@ def box_from_heatmap(heatmaps: Any, *, threshold: float = 0.15) -> np.ndarray:
         map, `x1`/`y1` exclusive.
 
     Raises:
-        InputError: if `heatmaps` is not 2-D or 3-D, is empty, or holds
-            non-finite values.
+        InputError: if `heatmaps` is not 2-D or 3-D (e.g. `(length,)` signal
+            or `(batch, depth, height, width)` volume maps, which have no
+            box: use `pointing_game` with masks and `axes=1` or `3`), is
+            empty, or holds non-finite values.
         ValueError: if `threshold` is not in `[0, 1]`.
 
     Example:
@@ -105,7 +120,7 @@ def box_from_heatmap(heatmaps: Any, *, threshold: float = 0.15) -> np.ndarray:
     box_from_heatmap(heatmap)  # array([[2, 1, 5, 3]])
     ```
     """
-    maps = _as_heatmaps(heatmaps, "heatmaps")
+    maps = _as_heatmaps(heatmaps, "heatmaps", images_only=True)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(
             f"Argument `threshold` must be a fraction of the map's maximum, in [0, 1]. "
@@ -266,7 +281,9 @@ def localization_error(
 # ---------------------------------------------------------------------------
 
 
-def pointing_game(heatmaps: Any, masks_or_boxes: Any, *, tolerance: float = 0.0) -> np.ndarray:
+def pointing_game(
+    heatmaps: Any, masks_or_boxes: Any, *, tolerance: float = 0.0, axes: int = 2
+) -> np.ndarray:
     """Whether each map's maximum point falls on the object (§4.3, Zhang et al.).
 
     The maximally activated pixel of each map (the first in row-major order if
@@ -276,9 +293,18 @@ def pointing_game(heatmaps: Any, masks_or_boxes: Any, *, tolerance: float = 0.0)
     itself; Zhang et al. use 15 pixels. A constant map (all zero, for example)
     points nowhere and is a miss.
 
+    Signals and volumes work the same way with `axes=1` or `axes=3`: the
+    maximum is the first in C order, and the tolerance is a Euclidean
+    distance in samples or voxels (`|t - s| <= tolerance` along a signal).
+    Their objects are boolean masks, `(batch, length)` or `(batch, depth,
+    height, width)` (or a sequence of per-map masks or `(m, ...)` mask
+    stacks).
+
     Args:
         heatmaps: array of shape `(batch, height, width)`, or `(height, width)`
-            for a single map, cued with the ground-truth class.
+            for a single map, cued with the ground-truth class; with `axes=1`
+            `(batch, length)` or `(length,)`, with `axes=3` `(batch, depth,
+            height, width)` or `(depth, height, width)`.
         masks_or_boxes: where the object is, for each image. Either a *boolean*
             array of shape `(batch, height, width)` (masks), a numeric array of
             shape `(batch, 4)` or `(batch, m, 4)` (boxes, empty boxes as
@@ -287,7 +313,9 @@ def pointing_game(heatmaps: Any, masks_or_boxes: Any, *, tolerance: float = 0.0)
             `(m, 4)` boxes. Several instances are merged: pointing at any one
             is a hit. Masks must be boolean, so that they are never mistaken
             for boxes (use `masks > 0` for 0/1 masks).
-        tolerance: radius in pixels, `>= 0`.
+        tolerance: radius in pixels (samples, voxels), `>= 0`.
+        axes: spatial axes of a map: 2 for images, 1 for signals, 3 for
+            volumes.
 
     Returns:
         A boolean array of shape `(batch,)`, `True` for a hit. Use
@@ -295,8 +323,8 @@ def pointing_game(heatmaps: Any, masks_or_boxes: Any, *, tolerance: float = 0.0)
 
     Raises:
         InputError: if the maps or objects have a wrong shape or non-finite
-            values.
-        ValueError: if `tolerance` is negative.
+            values, or boxes are given for signal or volume maps.
+        ValueError: if `tolerance` is negative or `axes` not 1, 2 or 3.
 
     Example:
 
@@ -305,9 +333,16 @@ def pointing_game(heatmaps: Any, masks_or_boxes: Any, *, tolerance: float = 0.0)
     heatmap[2, 8] = 1.0
     pointing_game(heatmap, [[0, 0, 5, 5]])  # array([False])
     pointing_game(heatmap, [[0, 0, 5, 5]], tolerance=4)  # array([ True])
+
+    signal = np.zeros(100)
+    signal[42] = 1.0
+    event = np.zeros(100, dtype=bool)
+    event[45:60] = True
+    pointing_game(signal, event, axes=1)  # array([False])
+    pointing_game(signal, event, axes=1, tolerance=3)  # array([ True])
     ```
     """
-    maps = _as_heatmaps(heatmaps, "heatmaps")
+    maps = _as_heatmaps(heatmaps, "heatmaps", _check_axes(axes))
     radius = _check_tolerance(tolerance)
     objects = _object_masks(masks_or_boxes, maps.shape, "masks_or_boxes")
     return np.array(
@@ -323,6 +358,7 @@ def pointing_game_top_k(
     *,
     threshold: float,
     tolerance: float = 0.0,
+    axes: int = 2,
 ) -> np.ndarray:
     """The paper's pointing game over the top-k predictions, with rejection (App. D).
 
@@ -345,7 +381,10 @@ def pointing_game_top_k(
 
     Args:
         heatmaps: array of shape `(batch, k, height, width)`, the map of each
-            predicted class.
+            predicted class; `(batch, k, length)` with `axes=1`, `(batch, k,
+            depth, height, width)` with `axes=3` (objects are then boolean
+            masks `(batch, [m,] length)` or `(batch, [m,] depth, height,
+            width)`).
         pred_classes: int array of shape `(batch, k)`, the predicted classes.
         gt_classes: class of each ground-truth object: an int array of shape
             `(batch,)` or `(batch, m)` (padded with -1), or a sequence of
@@ -358,6 +397,8 @@ def pointing_game_top_k(
         threshold: map maximum below which a class is rejected. The paper
             picks it per visualisation method; it does not report the value.
         tolerance: pointing tolerance in pixels, as in `pointing_game`.
+        axes: spatial axes of a map: 2 for images, 1 for signals, 3 for
+            volumes.
 
     Returns:
         A boolean array of shape `(batch, k)`, `True` for a hit. Its mean
@@ -365,7 +406,8 @@ def pointing_game_top_k(
 
     Raises:
         InputError: if the shapes of maps, predictions and objects disagree.
-        ValueError: if `tolerance` is negative or `threshold` not finite.
+        ValueError: if `tolerance` is negative, `threshold` not finite or
+            `axes` not 1, 2 or 3.
 
     Example:
 
@@ -377,11 +419,12 @@ def pointing_game_top_k(
     # array([[ True,  True]]): a hit, and a correct rejection of absent class 9
     ```
     """
+    axes = _check_axes(axes)
     maps = np.asarray(heatmaps, dtype=np.float64)
     classes = np.asarray(pred_classes)
-    if maps.ndim != 4 or maps.shape[1] == 0 or maps.size == 0:
+    if maps.ndim != axes + 2 or maps.shape[1] == 0 or maps.size == 0:
         raise InputError(
-            "Argument `heatmaps` must have shape (batch, k, height, width), one map per "
+            f"Argument `heatmaps` must have shape (batch, k, {_SPATIAL[axes]}), one map per "
             f"predicted class. Received: heatmaps.shape={maps.shape}"
         )
     if classes.shape != maps.shape[:2] or not np.issubdtype(classes.dtype, np.integer):
@@ -394,8 +437,8 @@ def pointing_game_top_k(
     if not math.isfinite(threshold):
         raise ValueError(f"Argument `threshold` must be finite. Received: threshold={threshold!r}")
     radius = _check_tolerance(tolerance)
-    n, k, height, width = maps.shape
-    truth = _labelled_masks(gt_classes, gt_masks_or_boxes, (n, height, width))
+    n, k = maps.shape[:2]
+    truth = _labelled_masks(gt_classes, gt_masks_or_boxes, (n, *maps.shape[2:]))
     hits = np.zeros((n, k), dtype=bool)
     for i, (true_classes, true_masks) in enumerate(truth):
         for j in range(k):
@@ -445,11 +488,12 @@ def occlusion_map(
     images: Any,
     target_classes: Any,
     *,
-    patch_size: int | tuple[int, int] = 16,
-    stride: int | tuple[int, int] = 8,
+    patch_size: int | tuple[int, ...] = 16,
+    stride: int | tuple[int, ...] = 8,
     fill_value: Any = 0.0,
     batch_size: int = 64,
     score_fn: ScoreFn | None = None,
+    axes: int = 2,
 ) -> np.ndarray:
     """Occlusion sensitivity map (Zeiler & Fergus), the reference of §5.3.
 
@@ -468,6 +512,11 @@ def occlusion_map(
     The paper uses "CNN scores" and does not give patch size, stride or fill;
     the defaults here are a 16-pixel patch, stride 8, fill 0.
 
+    With `axes=1` the inputs are signals `(batch, length, channels)` and the
+    patch a window of `patch_size` samples; with `axes=3` volumes `(batch,
+    depth, height, width, channels)` and the patch a box of voxels. Patch
+    positions then follow the same rule along every axis.
+
     Args:
         model: a `keras.Model` (called as `model(x, training=False)`) or any
             callable mapping a `(batch, height, width, channels)` array to
@@ -477,28 +526,34 @@ def occlusion_map(
         target_classes: int or int array of shape `(batch,)`, the class whose
             score is watched in each image.
         patch_size: side of the occluding square, or `(height, width)`; at
-            most the image size.
-        stride: step between patch positions, or `(rows, cols)`.
+            most the image size. One int per spatial axis for `axes` 1 or 3
+            (or one int for all of them).
+        stride: step between patch positions, or `(rows, cols)` (one int per
+            spatial axis).
         fill_value: what an occluded pixel becomes: a number, or an array
             broadcastable to `(patch, patch, channels)` (e.g. the per-channel
-            mean).
+            mean); `(*patch_size, channels)` in other dimensions.
         batch_size: number of occluded copies per model call.
         score_fn: optional function applied to the model's raw outputs to get
             `(batch, classes)` scores, e.g. `np.log` to score the
             log-probabilities of a model that ends in softmax. Defaults to the
             outputs themselves.
+        axes: spatial axes of an input: 2 for images, 1 for signals, 3 for
+            volumes.
 
     Returns:
-        A `float64` array of shape `(batch, height, width)`.
+        A `float64` array of shape `(batch, height, width)` (`(batch,
+        length)`, `(batch, depth, height, width)`).
 
     Raises:
-        InputError: if `images` is not 4-D with finite values, `fill_value`
-            does not broadcast to a patch, or the model's scores are not
-            `(batch, classes)`.
+        InputError: if `images` is not `axes + 2`-D with finite values,
+            `fill_value` does not broadcast to a patch, or the model's scores
+            are not `(batch, classes)`.
         TargetError: if a target class is negative or out of range of the
             scores.
         ValueError: if `patch_size`, `stride` or `batch_size` is not a
-            positive int, or the patch is larger than the image.
+            positive int, the patch is larger than the image, or `axes` is
+            not 1, 2 or 3.
 
     Example:
 
@@ -509,51 +564,53 @@ def occlusion_map(
     # each 2x2 block holds the sum of its weights: [[10, 10, 18, 18], ...]
     ```
     """
-    pixels = _as_images(images)
-    n, height, width, channels = pixels.shape
+    axes = _check_axes(axes)
+    pixels = _as_images(images, axes)
+    n, spatial, channels = pixels.shape[0], pixels.shape[1:-1], pixels.shape[-1]
     classes = _as_target_classes(target_classes, n)
-    patch_h, patch_w = _positive_pair(patch_size, "patch_size")
-    stride_h, stride_w = _positive_pair(stride, "stride")
+    patch_shape = _positive_sizes(patch_size, "patch_size", axes)
+    strides = _positive_sizes(stride, "stride", axes)
     batch_size = _positive_int(batch_size, "batch_size")
-    if patch_h > height or patch_w > width:
+    if any(p > s for p, s in zip(patch_shape, spatial, strict=True)):
         raise ValueError(
-            f"Argument `patch_size` must fit in the images ({height}x{width}). "
+            f"Argument `patch_size` must fit in the images ({'x'.join(map(str, spatial))}). "
             f"Received: patch_size={patch_size!r}"
         )
-    corners = [
-        (row, col)
-        for row in _patch_starts(height, patch_h, stride_h)
-        for col in _patch_starts(width, patch_w, stride_w)
+    # Row-major order of the patch positions (rows outer, columns inner in 2-D).
+    regions = [
+        tuple(slice(c, c + p) for c, p in zip(corner, patch_shape, strict=True))
+        for corner in itertools.product(
+            *(_patch_starts(*sizes) for sizes in zip(spatial, patch_shape, strides, strict=True))
+        )
     ]
-    per_image = len(corners)
+    per_image = len(regions)
     try:
-        np.broadcast_to(np.asarray(fill_value, dtype=pixels.dtype), (patch_h, patch_w, channels))
+        np.broadcast_to(np.asarray(fill_value, dtype=pixels.dtype), (*patch_shape, channels))
     except ValueError:
         raise InputError(
             "Argument `fill_value` must be a number or broadcastable to a patch of shape "
-            f"{(patch_h, patch_w, channels)}. Received: fill_value.shape={np.shape(fill_value)}"
+            f"{(*patch_shape, channels)}. Received: fill_value.shape={np.shape(fill_value)}"
         ) from None
 
     def occluded(rows: np.ndarray) -> np.ndarray:
         copies = pixels[rows // per_image]  # fancy indexing copies
         for copy, patch in zip(copies, rows % per_image, strict=True):
-            row, col = corners[patch]
-            copy[row : row + patch_h, col : col + patch_w] = fill_value
+            copy[regions[patch]] = fill_value
         return copies
 
     scorer = _Scorer(model, score_fn, batch_size)
     original = scorer(lambda rows: pixels[rows], classes)
     drops = original[:, None] - scorer(occluded, np.repeat(classes, per_image)).reshape(n, -1)
 
-    total = np.zeros((n, height, width))
-    count = np.zeros((height, width))
-    for patch, (row, col) in enumerate(corners):
-        total[:, row : row + patch_h, col : col + patch_w] += drops[:, patch, None, None]
-        count[row : row + patch_h, col : col + patch_w] += 1
+    total = np.zeros((n, *spatial))
+    count = np.zeros(spatial)
+    for patch, region in enumerate(regions):
+        total[(slice(None), *region)] += drops[:, patch].reshape((n,) + (1,) * axes)
+        count[region] += 1
     return total / count
 
 
-def rank_correlation(a: Any, b: Any) -> np.ndarray:
+def rank_correlation(a: Any, b: Any, *, axes: int = 2) -> np.ndarray:
     """Spearman's rank correlation between two maps, per image (§5.3).
 
     The paper measures faithfulness as the rank correlation between a
@@ -564,16 +621,24 @@ def rank_correlation(a: Any, b: Any) -> np.ndarray:
     correlation is undefined; it is reported as 0.0 (no association) instead
     of NaN, so that averages over a dataset stay finite.
 
+    Signal and volume maps work the same way (`axes=1`, `axes=3`): samples or
+    voxels are ranked within each map.
+
     Args:
         a: array of shape `(batch, height, width)`, or `(height, width)` for a
-            single map.
+            single map; `(batch, length)` / `(length,)` with `axes=1`,
+            `(batch, depth, height, width)` / `(depth, height, width)` with
+            `axes=3`.
         b: array of the same shape as `a`.
+        axes: spatial axes of a map: 2 for images, 1 for signals, 3 for
+            volumes.
 
     Returns:
         A `float64` array of shape `(batch,)`, values in `[-1, 1]`.
 
     Raises:
         InputError: if the shapes differ, or a map is empty or not finite.
+        ValueError: if `axes` is not 1, 2 or 3.
 
     Example:
 
@@ -581,8 +646,9 @@ def rank_correlation(a: Any, b: Any) -> np.ndarray:
     rank_correlation([[1, 2], [3, 4]], [[10, 20], [30, 400]])  # array([1.])
     ```
     """
-    first = _as_heatmaps(a, "a")
-    second = _as_heatmaps(b, "b")
+    axes = _check_axes(axes)
+    first = _as_heatmaps(a, "a", axes)
+    second = _as_heatmaps(b, "b", axes)
     if first.shape != second.shape:
         raise InputError(
             "Arguments `a` and `b` must have the same shape. "
@@ -627,6 +693,7 @@ def deletion_curve(
     baseline: Any = 0.0,
     batch_size: int = 64,
     score_fn: ScoreFn | None = None,
+    axes: int = 2,
 ) -> PerturbationCurve:
     """Deletion curve of Petsiuk et al. (RISE): remove the most salient pixels first.
 
@@ -652,6 +719,11 @@ def deletion_curve(
         score_fn: optional function from the model's outputs to
             `(batch, classes)` scores, e.g. a softmax to score probabilities as
             RISE does.
+        axes: spatial axes of an input: 2 for images, 1 for signals
+            `(batch, length, channels)` with maps `(batch, length)`, 3 for
+            volumes `(batch, depth, height, width, channels)` with maps
+            `(batch, depth, height, width)`; samples or voxels are removed
+            in decreasing map order (ties in C order).
 
     Returns:
         A `PerturbationCurve` with `steps + 1` points per image.
@@ -660,7 +732,8 @@ def deletion_curve(
         InputError: if images, heatmaps or baseline disagree in shape, or the
             model's scores are not `(batch, classes)`.
         TargetError: if a target class is out of range of the scores.
-        ValueError: if `steps` or `batch_size` is not a positive int.
+        ValueError: if `steps` or `batch_size` is not a positive int, or
+            `axes` not 1, 2 or 3.
 
     Example:
 
@@ -673,7 +746,7 @@ def deletion_curve(
     ```
     """
     return _perturbation_curve(
-        model, images, target_classes, heatmaps, steps, baseline, batch_size, score_fn, False
+        model, images, target_classes, heatmaps, steps, baseline, batch_size, score_fn, False, axes
     )
 
 
@@ -687,6 +760,7 @@ def insertion_curve(
     baseline: Any = 0.0,
     batch_size: int = 64,
     score_fn: ScoreFn | None = None,
+    axes: int = 2,
 ) -> PerturbationCurve:
     """Insertion curve of Petsiuk et al. (RISE): restore the most salient pixels first.
 
@@ -710,6 +784,11 @@ def insertion_curve(
         batch_size: number of perturbed copies per model call.
         score_fn: optional function from the model's outputs to
             `(batch, classes)` scores.
+        axes: spatial axes of an input: 2 for images, 1 for signals
+            `(batch, length, channels)` with maps `(batch, length)`, 3 for
+            volumes `(batch, depth, height, width, channels)` with maps
+            `(batch, depth, height, width)`; samples or voxels are restored
+            in decreasing map order (ties in C order).
 
     Returns:
         A `PerturbationCurve` with `steps + 1` points per image.
@@ -718,7 +797,8 @@ def insertion_curve(
         InputError: if images, heatmaps or baseline disagree in shape, or the
             model's scores are not `(batch, classes)`.
         TargetError: if a target class is out of range of the scores.
-        ValueError: if `steps` or `batch_size` is not a positive int.
+        ValueError: if `steps` or `batch_size` is not a positive int, or
+            `axes` not 1, 2 or 3.
 
     Example:
 
@@ -731,7 +811,7 @@ def insertion_curve(
     ```
     """
     return _perturbation_curve(
-        model, images, target_classes, heatmaps, steps, baseline, batch_size, score_fn, True
+        model, images, target_classes, heatmaps, steps, baseline, batch_size, score_fn, True, axes
     )
 
 
@@ -740,7 +820,7 @@ def insertion_curve(
 # ---------------------------------------------------------------------------
 
 
-def inside_outside_ratio(heatmaps: Any, boxes: Any) -> np.ndarray:
+def inside_outside_ratio(heatmaps: Any, boxes: Any, *, axes: int = 2) -> np.ndarray:
     """Mean map value inside a box divided by the mean outside it (§8.1).
 
     The paper scores a captioning model's map for a region caption by this
@@ -756,7 +836,10 @@ def inside_outside_ratio(heatmaps: Any, boxes: Any) -> np.ndarray:
         heatmaps: array of shape `(batch, height, width)`, or `(height, width)`
             for a single map.
         boxes: one region per image: an array of shape `(batch, 4)`, or any
-            form that `pointing_game` accepts (boolean masks, several boxes).
+            form that `pointing_game` accepts (boolean masks, several boxes);
+            boolean masks only for signal and volume maps.
+        axes: spatial axes of a map: 2 for images, 1 for signals `(batch,
+            length)`, 3 for volumes `(batch, depth, height, width)`.
 
     Returns:
         A `float64` array of shape `(batch,)`.
@@ -773,7 +856,7 @@ def inside_outside_ratio(heatmaps: Any, boxes: Any) -> np.ndarray:
     inside_outside_ratio(heatmap, [[0, 0, 2, 2]])  # array([3.])
     ```
     """
-    maps = _as_heatmaps(heatmaps, "heatmaps")
+    maps = _as_heatmaps(heatmaps, "heatmaps", _check_axes(axes))
     regions = _object_masks(boxes, maps.shape, "boxes")
     ratios = np.empty(maps.shape[0])
     for i, (heatmap, region) in enumerate(zip(maps, regions, strict=True)):
@@ -1057,15 +1140,17 @@ def _perturbation_curve(
     batch_size: int,
     score_fn: ScoreFn | None,
     insert: bool,
+    axes: int,
 ) -> PerturbationCurve:
-    pixels = _as_images(images)
-    n, height, width, _ = pixels.shape
+    axes = _check_axes(axes)
+    pixels = _as_images(images, axes)
+    n, spatial = pixels.shape[0], pixels.shape[1:-1]
     classes = _as_target_classes(target_classes, n)
-    maps = _as_heatmaps(heatmaps, "heatmaps")
-    if maps.shape != (n, height, width):
+    maps = _as_heatmaps(heatmaps, "heatmaps", axes)
+    if maps.shape != (n, *spatial):
         raise InputError(
             "Argument `heatmaps` must have the images' batch and spatial shape "
-            f"{(n, height, width)}. Received: heatmaps.shape={maps.shape}"
+            f"{(n, *spatial)}. Received: heatmaps.shape={maps.shape}"
         )
     steps = _positive_int(steps, "steps")
     batch_size = _positive_int(batch_size, "batch_size")
@@ -1078,7 +1163,7 @@ def _perturbation_curve(
         ) from None
     _check_finite(canvas, "baseline")
 
-    size = height * width
+    size = math.prod(spatial)
     changed_counts = np.arange(steps + 1) * size // steps
     # rank[i, p]: position of pixel p in image i's order of decreasing saliency.
     order = np.argsort(-maps.reshape(n, size), axis=1, kind="stable")
@@ -1089,7 +1174,7 @@ def _perturbation_curve(
     def perturbed(rows: np.ndarray) -> np.ndarray:
         image, step = rows // (steps + 1), rows % (steps + 1)
         changed = rank[image] < changed_counts[step][:, None]
-        changed = changed.reshape(len(rows), height, width, 1)
+        changed = changed.reshape(len(rows), *spatial, 1)
         return np.where(changed, end[image], start[image])
 
     scorer = _Scorer(model, score_fn, batch_size)
@@ -1122,14 +1207,18 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _is_hit(heatmap: np.ndarray, mask: np.ndarray, radius: float) -> bool:
-    """Whether the map's maximum lies within `radius` pixels of the mask."""
+    """Whether the map's maximum lies within `radius` pixels of the mask (any number of axes)."""
     if heatmap.max() == heatmap.min():
         return False
-    row, col = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    peak = np.unravel_index(np.argmax(heatmap), heatmap.shape)
     reach = math.floor(radius)
-    top, left = max(row - reach, 0), max(col - reach, 0)
-    rows, cols = np.nonzero(mask[top : row + reach + 1, left : col + reach + 1])
-    distances = (rows + top - row) ** 2 + (cols + left - col) ** 2
+    # Only the mask inside the cube of side 2 * reach + 1 around the peak can be close enough.
+    lows = [max(int(p) - reach, 0) for p in peak]
+    window = tuple(slice(low, p + reach + 1) for low, p in zip(lows, peak, strict=True))
+    offsets = np.nonzero(mask[window])
+    distances = sum(
+        (offset + low - p) ** 2 for offset, low, p in zip(offsets, lows, peak, strict=True)
+    )
     return bool(np.any(distances <= radius * radius))
 
 
@@ -1138,28 +1227,62 @@ def _is_hit(heatmap: np.ndarray, mask: np.ndarray, radius: float) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _as_heatmaps(heatmaps: Any, name: str) -> np.ndarray:
-    """`(batch, height, width)` float64 maps; a `(height, width)` map becomes a batch of one."""
+#: The spatial axes of a map with 1, 2 or 3 of them.
+_SPATIAL = {1: "length", 2: "height, width", 3: "depth, height, width"}
+
+
+def _check_axes(axes: Any) -> int:
+    if isinstance(axes, bool) or not isinstance(axes, (int, np.integer)) or axes not in (1, 2, 3):
+        raise ValueError(
+            "Argument `axes` must be the number of spatial axes of a map: 1 (signals), "
+            f"2 (images) or 3 (volumes). Received: axes={axes!r}"
+        )
+    return int(axes)
+
+
+def _as_heatmaps(
+    heatmaps: Any, name: str, axes: int = 2, *, images_only: bool = False
+) -> np.ndarray:
+    """`(batch, *spatial)` float64 maps with `axes` spatial axes; one map becomes a batch of one."""
     maps = np.asarray(heatmaps, dtype=np.float64)
-    if maps.ndim == 2:
+    received = maps.shape
+    if maps.ndim == axes:
         maps = maps[None]
-    if maps.ndim != 3 or maps.size == 0:
+    if maps.ndim != axes + 1 or maps.size == 0:
+        single = "(length,)" if axes == 1 else f"({_SPATIAL[axes]})"
+        hint = ""
+        if images_only and maps.ndim in (1, 4):
+            hint = (
+                " Signal maps (length,) and volume maps (batch, depth, height, width) have no "
+                "bounding box: use `pointing_game` with boolean masks and `axes=1` or `axes=3`."
+            )
+        elif axes == 2 and maps.ndim == 4:
+            hint = " For volume maps (batch, depth, height, width) pass `axes=3`."
         raise InputError(
-            f"Argument `{name}` must have shape (batch, height, width), or (height, width) "
-            f"for a single map (squeeze a trailing channel axis first). "
-            f"Received: {name}.shape={maps.shape}"
+            f"Argument `{name}` must have shape (batch, {_SPATIAL[axes]}), or {single} "
+            f"for a single map (squeeze a trailing channel axis first).{hint} "
+            f"Received: {name}.shape={received}"
         )
     _check_finite(maps, name)
     return maps
 
 
-def _as_images(images: Any) -> np.ndarray:
+def _as_images(images: Any, axes: int = 2) -> np.ndarray:
+    """`(batch, *spatial, channels)` inputs with `axes` spatial axes."""
     pixels = np.asarray(images)
     if not np.issubdtype(pixels.dtype, np.floating):
         pixels = pixels.astype(np.float32)
-    if pixels.ndim != 4 or pixels.size == 0:
+    if pixels.ndim != axes + 2 or pixels.size == 0:
+        hint = ""
+        if axes == 2 and pixels.ndim == 3:
+            hint = (
+                " (A single image needs a batch axis; for signals (batch, length, channels) "
+                "pass `axes=1`.)"
+            )
+        elif axes == 2 and pixels.ndim == 5:
+            hint = " For volumes (batch, depth, height, width, channels) pass `axes=3`."
         raise InputError(
-            "Argument `images` must have shape (batch, height, width, channels). "
+            f"Argument `images` must have shape (batch, {_SPATIAL[axes]}, channels).{hint} "
             f"Received: images.shape={pixels.shape}"
         )
     _check_finite(pixels, "images")
@@ -1225,17 +1348,26 @@ def _per_image(items: Any, n: int, name: str) -> list[Any]:
     return entries
 
 
-def _instance_masks(item: Any, height: int, width: int, name: str, index: int) -> np.ndarray:
-    """`(m, height, width)` boolean masks from one image's masks or boxes."""
+def _instance_masks(item: Any, spatial: tuple[int, ...], name: str, index: int) -> np.ndarray:
+    """`(m, *spatial)` boolean masks from one map's masks, or (images only) boxes."""
     array = np.asarray(item)
+    spatial = tuple(spatial)
     if array.dtype == bool:
-        masks = array[None] if array.ndim == 2 else array
-        if masks.ndim != 3 or masks.shape[1:] != (height, width):
+        masks = array[None] if array.ndim == len(spatial) else array
+        if masks.ndim != len(spatial) + 1 or masks.shape[1:] != spatial:
             raise InputError(
                 f"Argument `{name}` must hold boolean masks of the maps' size "
-                f"({height}, {width}). Received: {name}[{index}].shape={array.shape}"
+                f"{spatial}. Received: {name}[{index}].shape={array.shape}"
             )
         return masks
+    if len(spatial) != 2:
+        kind = "signal" if len(spatial) == 1 else "volume"
+        raise InputError(
+            f"Argument `{name}` must hold boolean masks of the {kind} maps' size {spatial} "
+            "(boxes (x0, y0, x1, y1) exist for images only; use `masks > 0` for 0/1 masks). "
+            f"Received: {name}[{index}] of dtype {array.dtype} and shape {array.shape}"
+        )
+    height, width = spatial
     if array.size and not np.issubdtype(array.dtype, np.number):
         raise InputError(
             f"Argument `{name}` must hold boolean masks or numeric boxes. "
@@ -1252,14 +1384,14 @@ def _instance_masks(item: Any, height: int, width: int, name: str, index: int) -
 
 
 def _object_masks(masks_or_boxes: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """`(batch, height, width)` union of each image's object masks or boxes."""
-    n, height, width = shape
+    """`(batch, *spatial)` union of each map's object masks or boxes; `shape` is the maps'."""
+    n, spatial = shape[0], tuple(shape[1:])
     if isinstance(masks_or_boxes, np.ndarray) and masks_or_boxes.dtype == bool:
-        if masks_or_boxes.shape in ((n, height, width), (height, width)):
-            return masks_or_boxes.reshape(n, height, width)
+        if masks_or_boxes.shape == (n, *spatial) or (n == 1 and masks_or_boxes.shape == spatial):
+            return masks_or_boxes.reshape(n, *spatial)
     items = _per_image(masks_or_boxes, n, name)
     return np.stack(
-        [_instance_masks(item, height, width, name, i).any(axis=0) for i, item in enumerate(items)]
+        [_instance_masks(item, spatial, name, i).any(axis=0) for i, item in enumerate(items)]
     )
 
 
@@ -1290,16 +1422,16 @@ def _labelled_boxes(gt_classes: Any, gt_boxes: Any, n: int) -> list[tuple[np.nda
 
 
 def _labelled_masks(
-    gt_classes: Any, gt_objects: Any, shape: tuple[int, int, int]
+    gt_classes: Any, gt_objects: Any, shape: tuple[int, ...]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per image, `(classes (m,), masks (m, height, width))` without padding."""
-    n, height, width = shape
+    """Per map, `(classes (m,), masks (m, *spatial))` without padding; shape `(n, *spatial)`."""
+    n, spatial = shape[0], tuple(shape[1:])
     classes = _ground_truth_classes(gt_classes, n)
     truth = []
     for i, (c, item) in enumerate(
         zip(classes, _per_image(gt_objects, n, "gt_masks_or_boxes"), strict=True)
     ):
-        masks = _instance_masks(item, height, width, "gt_masks_or_boxes", i)
+        masks = _instance_masks(item, spatial, "gt_masks_or_boxes", i)
         if len(masks) != len(c):
             raise InputError(
                 f"Arguments `gt_classes` and `gt_masks_or_boxes` must give one class per "
@@ -1332,11 +1464,11 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _positive_pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(
-            f"Argument `{name}` must be an int or a pair of ints. Received: {name}={value!r}"
-        )
-    return _positive_int(value[0], name), _positive_int(value[1], name)
+def _positive_sizes(value: Any, name: str, axes: int) -> tuple[int, ...]:
+    """One positive int per spatial axis, from an int or a tuple of `axes` ints."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,) * axes
+    if not isinstance(value, (tuple, list)) or len(value) != axes:
+        what = "a pair of ints" if axes == 2 else f"a tuple of {axes} ints"
+        raise ValueError(f"Argument `{name}` must be an int or {what}. Received: {name}={value!r}")
+    return tuple(_positive_int(v, name) for v in value)

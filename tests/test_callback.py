@@ -29,6 +29,7 @@ import pytest
 import tensorflow as tf
 from keras import layers
 
+import tf_gradcam
 import tf_gradcam.callback as callback_module
 from tf_gradcam import GradCAM, GradCAMCallback, TopK, overlay
 from tf_gradcam.callback import MAX_FAILURES, PANEL_MIN_SIZE, caption_strip
@@ -702,3 +703,37 @@ def test_class_names_must_name_every_label(data):
         GradCAMCallback((x[:4], labels), target="labels", class_names=["cat", "dog"])
     callback = GradCAMCallback((x[:4], labels), target="labels", class_names=list(CLASS_NAMES))
     assert callback.class_names == CLASS_NAMES
+
+
+@pytest.mark.parametrize("rank", [3, 5])
+def test_signals_and_volumes_log_their_pictures(tmp_path, rank):
+    """Conv1D / Conv3D models: the bare panel is the signal picture / the orthogonal slices."""
+    from tf_gradcam.pictures import orthogonal_slices, signal_picture
+
+    rng = np.random.default_rng(3)
+    if rank == 3:
+        inputs = keras.Input((32, 2))
+        x = keras.layers.Conv1D(4, 3, activation="relu", name="last_conv")(inputs)
+        pooled = keras.layers.GlobalAveragePooling1D()(x)
+        x_data = rng.normal(size=(16, 32, 2)).astype(np.float32)
+    else:
+        inputs = keras.Input((6, 8, 8, 1))
+        x = keras.layers.Conv3D(4, 3, activation="relu", name="last_conv")(inputs)
+        pooled = keras.layers.GlobalAveragePooling3D()(x)
+        x_data = rng.normal(size=(16, 6, 8, 8, 1)).astype(np.float32)
+    model = keras.Model(inputs, keras.layers.Dense(2)(pooled))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    sample = x_data[:2]
+    callback = GradCAMCallback(
+        sample, log_dir=tmp_path, target=1, layer="last_conv", annotate=False, strict=True
+    )
+    fit(model, (x_data, rng.integers(0, 2, 16)), callback, epochs=1)
+    heatmaps = GradCAM(model, "last_conv")(sample, 1).heatmaps
+    draw = signal_picture if rank == 3 else orthogonal_slices
+    logged = {tag: value for _, tag, value in read_events(tmp_path)}
+    for i in range(2):
+        np.testing.assert_array_equal(
+            decode_image(logged[f"gradcam/image_{i}"]), draw(sample[i], heatmaps[i])
+        )
+    with pytest.raises(tf_gradcam.InputError, match="regions"):
+        GradCAMCallback(sample, log_dir=tmp_path, method="guided_gradcam")

@@ -81,10 +81,9 @@ BAD_IMAGES = {
         "must hold numbers",
     ),
     "2-D": (lambda x: x[0, ..., 0], "Received: images=float32 array of shape (16, 16), of rank 2."),
-    "3-D": (lambda x: x[0], "Received: images=float32 array of shape (16, 16, 3), of rank 3."),
-    "5-D": (
-        lambda x: x[None],
-        "Received: images=float32 array of shape (1, 4, 16, 16, 3), of rank 5.",
+    "6-D": (
+        lambda x: x[None, None],
+        "Received: images=float32 array of shape (1, 1, 4, 16, 16, 3), of rank 6.",
     ),
     "empty batch": (
         lambda x: x[:0],
@@ -160,6 +159,15 @@ MISMATCHES = {
         lambda x: x[:4, ..., :1],
         "' expects 3 channels (input shape (None, 16, 16, 3)), the images have 1. "
         "Received: images=float32 array of shape (4, 16, 16, 1).",
+    ),
+    # rank 3 and 5 are signals and volumes: an image model finds out when the fit starts
+    "one image": (
+        lambda x: x[0],
+        "For one image (height, width, channels), add a batch axis: images[None].",
+    ),
+    "5-D": (
+        lambda x: x[None, :4],
+        "Received: images=float32 array of shape (1, 4, 16, 16, 3). Merge the batch axes",
     ),
     "size": (
         lambda x: x[:4, :8, :8],

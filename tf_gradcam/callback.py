@@ -34,6 +34,7 @@ from tf_gradcam.errors import InputError, UnknownMethodError
 from tf_gradcam.guided import GuidedGradCAM
 from tf_gradcam.image import normalize_gradients, overlay
 from tf_gradcam.methods import METHODS, TITLES, get_method, method_name
+from tf_gradcam.pictures import orthogonal_slices, signal_picture
 from tf_gradcam.targets import LABELS, TopK, classes_from_labels, labels_target
 
 __all__ = ["GradCAMCallback", "caption_strip", "compose_panel"]
@@ -232,6 +233,12 @@ class GradCAMCallback(keras.callbacks.Callback):
         self.freq = freq
         self.update_freq = 1 if update_freq == "batch" else update_freq
         self.max_images = max_images
+        if sample.ndim != 4 and (regions is not None or method == "guided_gradcam"):
+            raise InputError(
+                "`regions` and method='guided_gradcam' need images (batch, height, width, "
+                f"channels); the sample is of rank {sample.ndim} (signals or volumes). Leave "
+                "them out: the callback logs the maps of any CAM method for signals and volumes."
+            )
         self.regions = _region_masks(regions, sample.shape[:3])
         self.class_names = names
         self.annotate = bool(annotate)
@@ -523,7 +530,7 @@ class _CAMExplainer:
     def __call__(self, images: np.ndarray, target: Any) -> tuple[np.ndarray, ...]:
         """Returns `(heatmaps, pictures, classes, scores)` for the images."""
         result = self.cam(images, target)
-        return result.heatmaps, overlay(images, result.heatmaps), result.classes, result.scores
+        return result.heatmaps, _pictures(images, result.heatmaps), result.classes, result.scores
 
 
 class _GuidedGradCAMExplainer(_CAMExplainer):
@@ -539,6 +546,17 @@ class _GuidedGradCAMExplainer(_CAMExplainer):
             pictures = np.repeat(pictures, 3, axis=-1)
         pictures = np.round(pictures[..., :3] * 255.0).astype(np.uint8)
         return result.cam.heatmaps, pictures, result.classes, result.scores
+
+
+def _pictures(images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """One uint8 RGB picture per image: the overlay of an image, a signal above its
+    heat band (`pictures.signal_picture`), a volume's three orthogonal slices through
+    the heatmap's maximum (`pictures.orthogonal_slices`)."""
+    if images.ndim == 4:
+        return overlay(images, heatmaps)
+    if images.ndim == 3:
+        return [signal_picture(x, h) for x, h in zip(images, heatmaps, strict=True)]
+    return [orthogonal_slices(x, h) for x, h in zip(images, heatmaps, strict=True)]
 
 
 #: How each `method` builds its explainer: `(model, layer) -> explainer`, where
@@ -705,10 +723,13 @@ def _shapes(items: Sequence[Any], limit: int = 4) -> str:
 def _check_images(images: np.ndarray) -> None:
     """Refuse, at construction, images no model could explain or no panel could show.
 
-    Numbers (bool, integer or float), rank 4, at least one image, height, width
-    and channels of at least 1, and 1 channel or 3 and more (an overlay shows
-    the first 3 as RGB; 2 channels cannot be shown). Non-finite values are
-    checked by `_check_finite`, on the images kept.
+    Numbers (bool, integer or float), rank 4 (images; or rank 3 for a batch of
+    signals `(batch, length, channels)` and rank 5 for volumes `(batch, depth,
+    height, width, channels)`, whose panels are `tf_gradcam.pictures`' signal
+    picture and orthogonal slices), at least one image, height, width and
+    channels of at least 1, and for images and volumes 1 channel or 3 and
+    more (an overlay shows the first 3 as RGB; 2 channels cannot be shown).
+    Non-finite values are checked by `_check_finite`, on the images kept.
     """
     if images.dtype.kind not in "biuf":
         raise InputError(
@@ -716,17 +737,16 @@ def _check_images(images: np.ndarray) -> None:
             f"images={_describe(images)}. Convert them, e.g. with "
             "np.asarray(images, dtype='float32')."
         )
-    if images.ndim != 4:
+    if images.ndim not in (3, 4, 5):
         hints = {
-            2: " For one grayscale image, use images[None, ..., None].",
-            3: " For one image (height, width, channels), add a batch axis: images[None]; for "
-            "a grayscale batch (batch, height, width), a channel axis: images[..., None].",
-            5: " Merge the batch axes, e.g. images.reshape(-1, *images.shape[-3:]).",
+            2: " For one grayscale image, use images[None, ..., None]; for a batch of "
+            "one-channel signals (batch, length), images[..., None].",
         }
         raise InputError(
-            "`images` must be a batch of images (batch, height, width, channels), of rank 4. "
-            f"Received: images={_describe(images)}, of rank {images.ndim}."
-            + hints.get(images.ndim, "")
+            "`images` must be a batch of images (batch, height, width, channels), of rank 4 "
+            "(or of signals (batch, length, channels), rank 3, or volumes (batch, depth, "
+            "height, width, channels), rank 5, for Conv1D / Conv3D models). Received: "
+            f"images={_describe(images)}, of rank {images.ndim}." + hints.get(images.ndim, "")
         )
     if images.shape[0] == 0:
         raise InputError(
@@ -737,7 +757,7 @@ def _check_images(images: np.ndarray) -> None:
             "`images` must have a height, width and number of channels of at least 1. "
             f"Received: images={_describe(images)}."
         )
-    if images.shape[-1] == 2:
+    if images.shape[-1] == 2 and images.ndim != 3:
         raise InputError(
             "`images` must have 1 channel (grayscale) or 3 and more (the first 3 are shown as "
             f"RGB); 2 channels cannot be shown. Received: images={_describe(images)}."
@@ -783,21 +803,33 @@ def _input_mismatch(model: Any, images: np.ndarray) -> str | None:
             f"models with one image input. {received}."
         )
     expected = tuple(inputs[0].shape)
-    if len(expected) != 4:
+    if len(expected) != images.ndim:
+        kinds = {
+            3: "signals (batch, length, channels)",
+            4: "images (batch, height, width, channels)",
+            5: "volumes (batch, depth, height, width, channels)",
+        }
+        hint = ""
+        if len(expected) == 4 and images.ndim == 3:
+            hint = " For one image (height, width, channels), add a batch axis: images[None]."
+        elif len(expected) == 4 and images.ndim == 5:
+            hint = " Merge the batch axes, e.g. images.reshape(-1, *images.shape[-3:])."
         return (
-            f"model {name!r} takes inputs of shape {expected}, not images (batch, height, "
-            f"width, channels). {received}."
+            f"model {name!r} takes inputs of shape {expected}, not "
+            f"{kinds.get(images.ndim, 'these arrays')}. {received}.{hint}"
         )
     if expected[-1] is not None and expected[-1] != images.shape[-1]:
         return (
             f"model {name!r} expects {expected[-1]} channels (input shape {expected}), the "
             f"images have {images.shape[-1]}. {received}. Pass images with the model's channels."
         )
-    size = zip(expected[1:3], images.shape[1:3], strict=True)
+    size = zip(expected[1:-1], images.shape[1:-1], strict=True)
     if any(want is not None and want != got for want, got in size):
+        wanted = "x".join(str(n) for n in expected[1:-1])
+        what = f"images of {wanted} pixels" if images.ndim == 4 else f"inputs of size {wanted}"
         return (
-            f"model {name!r} expects images of {expected[1]}x{expected[2]} pixels (input shape "
-            f"{expected}). {received}. Resize them to the model's input size."
+            f"model {name!r} expects {what} (input shape {expected}). {received}. Resize "
+            "them to the model's input size."
         )
     try:
         check_integer_cast(images, inputs[0])

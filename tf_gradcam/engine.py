@@ -297,6 +297,7 @@ class Engine:
                 spec,
                 channels_axis=image_axis if i == self._image_index() else -1,
                 vocabulary=vocabularies.get(i),
+                explained=i == self._image_index(),
             )
             for i, (value, spec) in enumerate(zip(given, leaves, strict=True))
         ]
@@ -449,12 +450,19 @@ def _signature_key(signature: Any) -> tuple:
 
 
 def _prepare_leaf(
-    value: Any, spec: Any, *, channels_axis: int = -1, vocabulary: int | None = None
+    value: Any,
+    spec: Any,
+    *,
+    channels_axis: int = -1,
+    vocabulary: int | None = None,
+    explained: bool = False,
 ) -> tf.Tensor:
     """Check one input array against its `keras.Input` and convert it.
 
     `channels_axis` is 1 for a channels-first image input, else -1;
-    `vocabulary` the size of the `Embedding` reading this input, if any.
+    `vocabulary` the size of the `Embedding` reading this input, if any;
+    `explained` whether the maps are sized after this input (its channels are
+    checked also when it is a 1-D signal or a 3-D volume).
     """
     expected = tuple(spec.shape)
     if isinstance(value, tf.Tensor) and not tf.executing_eagerly():
@@ -474,11 +482,12 @@ def _prepare_leaf(
         )
     if array.shape[0] == 0:
         raise InputError("Received an empty batch (0 images).")
-    channels = expected[channels_axis] if len(expected) == 4 else None
+    checked = len(expected) == 4 or (explained and len(expected) in (3, 5))
+    channels = expected[channels_axis] if checked else None
     if channels is not None and array.shape[channels_axis] != channels:
         first = channels_axis == 1
         raise InputError(
-            f"The model expects {channels} channels on axis {channels_axis % 4} "
+            f"The model expects {channels} channels on axis {channels_axis % len(expected)} "
             f"({'channels_first' if first else 'channels_last'}); the images have "
             f"{array.shape[channels_axis]} (shape {array.shape}). Convert them, e.g. "
             f"grayscale→RGB with np.repeat(images, 3, axis={channels_axis})"

@@ -248,9 +248,11 @@ class GradCAM(_GradCAMSteps, Engine):
         model: a Functional or Sequential `keras.Model` (nested models are fine).
         layer: the convolutional layer to explain: a name, an `"outer/inner"`
             path through nested models, a `Layer` (or bare operation) object, or
-            `None` for the last layer with a 4-D output before the global pooling
+            `None` for the last feature map before the global pooling
             (trailing max/average pooling skipped: VGG16's `block5_conv3`, not
-            `block5_pool`).
+            `block5_pool`; a fully-convolutional classifier's class-score
+            convolution stepped back from, to the layer feeding it; 3-D / 5-D
+            maps in networks on signals / volumes).
         pooling: `"mean"` (eq. 1) or `"max"` pooling of the gradients.
         relu: apply the ReLU of eq. 2.
         counterfactual: negate the gradients (§3.3): regions whose removal would

@@ -182,8 +182,8 @@ class _FusedGradCAM(GradCAM):
         backprop = _input_gradients(tape, columns, image)
         del tape
         result["backprop"] = backprop
-        # heatmaps (batch, k, h, w) broadcast over the image's channel axis
-        channel_axis = 2 if self.gradient_model.image_channels_first else 4
+        # heatmaps (batch, k, *spatial) broadcast over the image's channel axis
+        channel_axis = 2 if self.gradient_model.image_channels_first else -1
         result["gradients"] = backprop * tf.expand_dims(result["heatmaps"], channel_axis)
         return result
 

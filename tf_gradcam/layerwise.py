@@ -38,7 +38,6 @@ from tf_gradcam.image import overlay, upsample_maps
 from tf_gradcam.keras_adapter import is_expandable
 from tf_gradcam.methods import get_method, method_name
 from tf_gradcam.submodel import (
-    _is_spatial,
     _resolve_path,
     _rewire,
     image_of,
@@ -129,7 +128,7 @@ class _LayersModel:
                 p
                 for p in rewiring.order
                 if len(rewiring.outputs[p]) == 1
-                and _is_spatial(rewiring.outputs[p][0])
+                and rewiring.is_spatial(rewiring.outputs[p][0])
                 and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
                 and not is_expandable(rewiring.layers[p])
             ]
@@ -166,7 +165,7 @@ class _LayersModel:
                 "(a shared layer), so its activations are ambiguous. Choose layers that "
                 "are called once."
             )
-        if isinstance(calls[0], (list, tuple, dict)) or not _is_spatial(calls[0]):
+        if isinstance(calls[0], (list, tuple, dict)) or not rewiring.is_spatial(calls[0]):
             shape = getattr(calls[0], "shape", "several tensors")
             raise NotSpatialError(
                 f"Layer {path!r} has output shape {shape}; Grad-CAM needs a 4-D "

@@ -309,12 +309,17 @@ class ScoreCAM(_PerturbationCAM):
         size = gradient_model.image_size(inputs)
         channels = _channel_count(activations)
         shape = tf.shape(activations)
-        # (batch·C, h, w): row i·C + k is channel k of image i
-        maps = tf.reshape(tf.transpose(activations, [0, 3, 1, 2]), [-1, shape[1], shape[2]])
+        rank = activations.shape.rank
+        # (batch·C, h, w): row i·C + k is channel k of image i (any number of spatial axes)
+        maps = tf.reshape(
+            tf.transpose(activations, [0, rank - 1, *range(1, rank - 1)]),
+            tf.concat([[-1], shape[1:-1]], axis=0),
+        )
 
         def scores(index: tf.Tensor) -> tf.Tensor:
             owner = index // channels
-            masks = _min_max(upsample_maps(tf.gather(maps, index), size))  # (chunk, H, W)
+            masks = upsample_maps(tf.gather(maps, index), size)  # (chunk, H, W)
+            masks = _min_max(masks, axes=rank - 2)
             leaves = self._gathered(inputs, owner)
             leaves[position] = _masked(
                 leaves[position], masks[:, None] if first else masks[..., None]
@@ -430,16 +435,24 @@ class AblationCAM(_PerturbationCAM):
         head = self.head_model()
         first = gradient_model.channels_first
         channels = _channel_count(activations)
-        native = tf.transpose(activations, [0, 3, 1, 2]) if first else activations
+        rank = activations.shape.rank
+        native = (
+            tf.transpose(activations, [0, rank - 1, *range(1, rank - 1)]) if first else activations
+        )
         native = tf.cast(native, head.inputs[-1].dtype)  # exact: float32 came from it
 
         def scores(index: tf.Tensor) -> tf.Tensor:
             owner = index // channels
             keep = tf.not_equal(tf.range(channels)[None], (index % channels)[:, None])  # (chunk, C)
-            keep = keep[:, :, None, None] if first else keep[:, None, None, :]
+            spatial = (None,) * (rank - 2)
+            keep = (
+                keep[(slice(None), slice(None), *spatial)]
+                if first
+                else keep[(slice(None), *spatial, slice(None))]
+            )
             kept = tf.gather(native, owner)
             values = head(
-                [*self._gathered(inputs, owner), tf.where(keep, kept, tf.zeros_like(kept))],
+                [*self._gathered(inputs, owner), kept * tf.cast(keep, kept.dtype)],
                 training=False,
             )
             flat = list(values) if isinstance(values, (list, tuple)) else [values]
@@ -454,10 +467,12 @@ class AblationCAM(_PerturbationCAM):
         return tf.transpose(tf.reshape(flat, [shape[0], channels, k]), [0, 2, 1])
 
 
-def _min_max(masks: tf.Tensor) -> tf.Tensor:
-    """Each `(h, w)` map scaled to [0, 1]; a constant map becomes all zeros (eq. 8)."""
-    low = tf.reduce_min(masks, axis=[-2, -1], keepdims=True)
-    span = tf.reduce_max(masks, axis=[-2, -1], keepdims=True) - low
+def _min_max(masks: tf.Tensor, *, axes: int = 2) -> tf.Tensor:
+    """Each `(h, w)` map (`axes` trailing axes) scaled to [0, 1]; a constant map becomes all zeros
+    (eq. 8)."""
+    spatial = list(range(-axes, 0))
+    low = tf.reduce_min(masks, axis=spatial, keepdims=True)
+    span = tf.reduce_max(masks, axis=spatial, keepdims=True) - low
     ok = span > 0
     return tf.where(ok, (masks - low) / tf.where(ok, span, tf.ones_like(span)), 0.0)
 

@@ -119,7 +119,8 @@ class Smoothed:
         if image.ndim == len(keras.tree.flatten(model.inputs)[index].shape) - 1:
             image = image[None]  # a single image: a batch of one
             leaves[index] = image
-        width_axis = 3 if model.image_channels_first else 2
+        # the last spatial axis: an image's width, a signal's time, a volume's width
+        width_axis = image.ndim - 1 if model.image_channels_first else image.ndim - 2
         rng = np.random.default_rng(self.seed)
         results = []
         for _ in range(self.samples):

@@ -67,7 +67,52 @@ _GLOBAL_POOLING = (
 #: Downsampling after the last convolution only coarsens its map: the default
 #: layer steps back over such trailing layers (VGG16's `block5_pool` gives way
 #: to `block5_conv3`, the paper's 14x14 "conv5_3" maps, §3).
-_LOCAL_POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+_LOCAL_POOLING = (
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+)
+
+#: Convolutions that can be a fully-convolutional classifier's class-score layer: one
+#: output channel per class, globally pooled into the scores (Network in Network,
+#: SqueezeNet's `conv10`, mini-Xception). The default layer steps back from such a
+#: convolution to the feature map it reads (see `_default_path`).
+_CLASS_CONVOLUTIONS = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+)
+
+#: Layers that keep a map's channels apart (elementwise or per-channel), so that after
+#: the class-score convolution channel c still carries class c's evidence alone: its own
+#: activation, batch normalisation, dropout.
+_PER_CHANNEL = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.PReLU,
+    keras.layers.ELU,
+    keras.layers.BatchNormalization,
+    keras.layers.Dropout,  # and SpatialDropout*, its subclasses
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.Identity,
+)
+
+#: Layers that may follow the global pooling of class scores on the way to the output:
+#: the pooled value of channel c stays the score of class c (bare softmax/sigmoid
+#: operations count too, see `is_squashing_head`).
+_SCORE_PRESERVING = (
+    *_PER_CHANNEL,
+    keras.layers.Softmax,
+    keras.layers.Flatten,
+    keras.layers.Reshape,
+)
 
 #: A function that may replace a layer's call: given the user's layer, return
 #: ``None`` to call it as it is, or a callable run *instead of* ``layer(...)``.
@@ -202,6 +247,8 @@ class _Rewiring:
     vocabularies: dict[int, int] = field(default_factory=dict)
     #: id of each input tensor → its position in the flattened inputs.
     input_positions: dict[int, int] = field(default_factory=dict)
+    #: input position → rank of that input (3: signals, 4: images, 5: volumes).
+    input_ranks: dict[int, int] = field(default_factory=dict)
 
     def run(self, model: keras.Model, inputs: Any, prefix: str) -> Any:
         if isinstance(model, keras.Sequential):
@@ -274,17 +321,40 @@ class _Rewiring:
             )
         return data_format == "channels_first"
 
+    def is_spatial(self, tensor: Any) -> bool:
+        """Whether a tensor of the graph is a feature map Grad-CAM can explain.
+
+        4-D `(batch, height, width, channels)` tensors always are; 3-D
+        `(batch, length, channels)` and 5-D `(batch, depth, height, width,
+        channels)` ones when they are computed from an input of the same rank
+        (a Conv1D network on signals, a Conv3D network on volumes), so the
+        token sequences of an image model are not taken for 1-D maps.
+        """
+        rank = _rank(tensor)
+        if rank == 4:
+            return True
+        if rank not in (3, 5):
+            return False
+        return any(self.input_ranks.get(p) == rank for p in self.sources.get(id(tensor), ()))
+
     def image_input(self, inputs: Any, activation: Any | None) -> tuple[int | None, bool]:
         """The image input a map is sized after, and whether it is channels-first.
 
-        The first 4-D input that `activation` is computed from (the first 4-D
-        input when `activation` is `None`, or computed from none): with two
-        images of different sizes, each layer's heatmaps take the size of its
-        own image. An image is channels-first when the first layer with a
-        `data_format` that reads it says so (else `keras.config.image_data_format()`).
+        The first input that `activation` is computed from with as many spatial
+        axes as the map (a 4-D image for 2-D maps; a signal or a volume for
+        1-D and 3-D maps); the first 4-D input when `activation` is `None`, or
+        computed from none: with two images of different sizes, each layer's
+        heatmaps take the size of its own image. An input is channels-first
+        when the first layer with a `data_format` that reads it says so (else
+        `keras.config.image_data_format()`).
         """
         flat = keras.tree.flatten(inputs)
-        images = [i for i, leaf in enumerate(flat) if len(leaf.shape) == 4]
+        if activation is not None:
+            rank = _rank(activation)
+        else:  # the first image; failing that, the first volume, then the first signal
+            ranks = {len(leaf.shape) for leaf in flat}
+            rank = next((r for r in (4, 5, 3) if r in ranks), 4)
+        images = [i for i, leaf in enumerate(flat) if len(leaf.shape) == rank]
         if not images:
             return None, False
         feeding = self.sources.get(id(activation), frozenset()) if activation is not None else ()
@@ -360,16 +430,24 @@ def image_of(inputs: Any, index: int | None) -> Any:
     """The flattened `inputs`' leaf at `index`; an `InputError` when no input is an image."""
     if index is None:
         raise InputError(
-            "None of the model's inputs is a 4-D (batch, height, width, channels) image; "
-            "Grad-CAM heatmaps are sized after the image input."
+            "None of the model's inputs is a 4-D (batch, height, width, channels) image "
+            "(or, for 1-D and 3-D feature maps, a signal or a volume of their rank); "
+            "Grad-CAM heatmaps are sized after that input."
         )
     return keras.tree.flatten(inputs)[index]
 
 
 def image_size(image: Any, channels_first: bool) -> Any:
-    """`(height, width)` of a 4-D image batch as an int32 tensor."""
+    """The spatial size of an input batch as an int32 tensor: `(height, width)` of images,
+    `(length,)` of signals, `(depth, height, width)` of volumes."""
     shape = tf.shape(image)
-    return shape[2:4] if channels_first else shape[1:3]
+    rank = image.shape.rank
+    return shape[2:rank] if channels_first else shape[1 : rank - 1]
+
+
+def _rank(tensor: Any) -> int | None:
+    shape = getattr(tensor, "shape", None)
+    return None if shape is None else len(shape)
 
 
 def _fresh_inputs(model: keras.Model, sample_shape: tuple[int, ...] | None) -> Any:
@@ -420,6 +498,7 @@ def _rewire(
     for position, leaf in enumerate(keras.tree.flatten(inputs)):
         rewiring.sources[id(leaf)] = frozenset({position})
         rewiring.input_positions[id(leaf)] = position
+        rewiring.input_ranks[position] = len(leaf.shape)
     outputs = rewiring.run(model, inputs, prefix="")
     return rewiring, inputs, outputs
 
@@ -429,7 +508,9 @@ def layer_paths(model: keras.Model, *, spatial_only: bool = False) -> list[str]:
 
     Args:
         model: a Functional or Sequential `keras.Model`.
-        spatial_only: keep only layers with a 4-D `(batch, height, width, channels)` output.
+        spatial_only: keep only layers with a feature-map output: 4-D
+            `(batch, height, width, channels)`, or 3-D / 5-D in Conv1D / Conv3D
+            networks (see `_Rewiring.is_spatial`).
 
     Returns:
         Paths such as `"resnet50/conv5_block3_out"`; top-level layers have no prefix.
@@ -444,33 +525,55 @@ def layer_paths(model: keras.Model, *, spatial_only: bool = False) -> list[str]:
     rewiring, _, _ = _rewire(model, None, None)
     paths = rewiring.order
     if spatial_only:
-        paths = [p for p in paths if _is_spatial(rewiring.outputs[p][0])]
+        paths = [p for p in paths if rewiring.is_spatial(rewiring.outputs[p][0])]
     return paths
-
-
-def _is_spatial(tensor: Any) -> bool:
-    shape = getattr(tensor, "shape", None)
-    return shape is not None and len(shape) == 4
 
 
 def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
     """The layer `layer=None` explains: the last feature map before the global pooling.
 
-    Among the 4-D outputs of leaf layers, those computed only from globally
-    pooled features are skipped (unless nothing else is left), then trailing
-    max/average pooling layers.
+    The rule, in three steps:
+
+    1. The candidates are the feature maps (4-D, or 3-D / 5-D in networks on
+       signals / volumes, see `_Rewiring.is_spatial`) of leaf layers (nested models opened,
+       input layers left out). Those computed only from globally pooled
+       features are dropped unless nothing else is left: MobileNet's 1x1
+       `conv_preds` classifier after the pooling, squeeze-and-excitation branches.
+    2. Trailing max/average pooling is stepped over (VGG16: `block5_conv3`, the
+       paper's conv5_3, not `block5_pool`).
+    3. A *class-score convolution* is stepped over. When the last candidate is
+       a convolution (`Conv2D`, `SeparableConv2D`, or their 1-D/3-D kin), or
+       its own activation, batch normalisation or dropout, and its output
+       reaches the model's output through global pooling and a softmax or
+       sigmoid, with nothing else on the way but `Activation`, `Flatten`,
+       `Reshape`, batch normalisation or dropout, then it has one channel per
+       class and the pooled channel c *is* the score y^c (Network in Network,
+       SqueezeNet's `conv10`, mini-Xception). Grad-CAM there is ReLU(A^c / Z),
+       the class's own channel, not a gradient-weighted sum of features, and
+       the paper (§3) explains the last convolutional *feature* layer: the
+       default is the layer that feeds the class-score convolution (dropout and
+       max/average pooling between the two stepped over too). Left alone: a
+       convolution followed, after the pooling, by anything else (a `Dense`
+       layer, a 1x1 classifier), whatever its number of channels, as it is a
+       feature layer; a head without softmax/sigmoid (a backbone with
+       `pooling="avg"` outputs features, not class scores); a class
+       convolution reading the input directly, or whose scores also depend on
+       other layers. `benchmarks/default_layer.py` compares the layers.
+
+    `layer=` still selects any layer, the class-score convolution included.
     """
     candidates = [
         p
         for p in rewiring.order
-        if _is_spatial(rewiring.outputs[p][0])
+        if rewiring.is_spatial(rewiring.outputs[p][0])
         and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
         and not is_expandable(rewiring.layers[p])
     ]
     if not candidates:
         raise NotSpatialError(
             f"Model {model.name!r} has no layer with a 4-D (batch, height, width, "
-            "channels) output, so there is no convolutional feature map to explain. "
+            "channels) output (nor a 3-D / 5-D one computed from a signal / volume input), "
+            "so there is no convolutional feature map to explain. "
             "Grad-CAM needs a convolutional layer; pass `layer=` explicitly if one "
             "exists inside a layer this library cannot open."
         )
@@ -478,7 +581,57 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
     candidates = before_pooling or candidates
     while len(candidates) > 1 and isinstance(rewiring.layers[candidates[-1]], _LOCAL_POOLING):
         candidates.pop()
-    return candidates[-1]
+    return _class_conv_feeder(rewiring, candidates) or candidates[-1]
+
+
+def _class_conv_feeder(rewiring: _Rewiring, candidates: list[str]) -> str | None:
+    """The feature layer feeding a class-score convolution at `candidates[-1]`, else `None`.
+
+    Step 3 of `_default_path`. The layers are read in call order, which in a
+    chain ending in the model's output is the graph's order; a functional model
+    built between the feature map and the output then checks that the chain
+    is the whole graph between them.
+    """
+    leaves = [p for p in rewiring.order if not is_expandable(rewiring.layers[p])]
+    conv_at = leaves.index(candidates[-1])
+    while conv_at > 0 and isinstance(rewiring.layers[leaves[conv_at]], _PER_CHANNEL):
+        conv_at -= 1  # the class convolution's own activation, batch norm, dropout
+    conv = rewiring.layers[leaves[conv_at]]
+    if not isinstance(conv, _CLASS_CONVOLUTIONS):
+        return None
+    feeder_at = conv_at - 1
+    while feeder_at >= 0 and isinstance(
+        rewiring.layers[leaves[feeder_at]], (keras.layers.Dropout, *_LOCAL_POOLING)
+    ):
+        feeder_at -= 1
+    if feeder_at < 0 or leaves[feeder_at] not in candidates:
+        return None
+    head = [rewiring.layers[p] for p in leaves[conv_at + 1 :]]
+    pooling = [i for i, layer in enumerate(head) if isinstance(layer, _GLOBAL_POOLING)]
+    if len(pooling) != 1:
+        return None
+    before, after = head[: pooling[0]], head[pooling[0] + 1 :]
+    if not all(isinstance(layer, _PER_CHANNEL) for layer in before) or not all(
+        isinstance(layer, _SCORE_PRESERVING) or (is_operation(layer) and is_squashing_head(layer))
+        for layer in after
+    ):
+        return None
+    if not any(is_squashing_head(layer) for layer in after):
+        return None  # pooled features, not class scores: a backbone with `pooling="avg"`
+    chain = leaves[feeder_at:]
+    if any(len(rewiring.outputs[p]) != 1 for p in chain):
+        return None  # a shared layer: the call order says nothing about its other calls
+    # Global pooling, then layers that keep each value apart: one score per channel of `conv`.
+    features, scores = rewiring.outputs[chain[0]][0], rewiring.outputs[chain[-1]][0]
+    try:
+        between = keras.Model(features, scores, name="class_head_check").operations
+    except ValueError:  # the scores depend on more than this feature map
+        return None
+    wrapped = [getattr(op, "wrapped", op) for op in between]
+    wrapped = [op for op in wrapped if not isinstance(op, keras.layers.InputLayer)]
+    if wrapped != [rewiring.layers[p] for p in chain[1:]]:
+        return None
+    return chain[0]
 
 
 def _resolve_path(
@@ -514,7 +667,7 @@ def _resolve_path(
     close = difflib.get_close_matches(
         layer, paths + [p.rsplit("/", 1)[-1] for p in paths], n=5, cutoff=0.4
     )
-    spatial = [p for p in paths if _is_spatial(rewiring.outputs[p][0])][-8:]
+    spatial = [p for p in paths if rewiring.is_spatial(rewiring.outputs[p][0])][-8:]
     hint = f" Closest names: {close}." if close else ""
     raise LayerNotFoundError(
         f"No layer {layer!r} in model {model.name!r}.{hint} Layers with a spatial "
@@ -535,9 +688,9 @@ def build_gradient_model(
 
     Args:
         model: a Functional or Sequential `keras.Model`, possibly with nested models.
-        layer: name, `"outer/inner"` path, `Layer` object, or `None` for the last layer
-            with a 4-D output before the global pooling, trailing max/average pooling
-            skipped (searching inside nested models).
+        layer: name, `"outer/inner"` path, `Layer` object, or `None` for the last feature
+            map before the global pooling (searching inside nested models; the rule is
+            `_default_path`'s).
         logits: remove a trailing softmax/sigmoid from the outputs (the paper's y^c is
             the score *before* the softmax). The user's model is not changed.
         expose_layer: when `False`, only the outputs are computed (guided backprop).
@@ -575,14 +728,8 @@ def build_gradient_model(
                 "that is called once."
             )
         activation = calls[0]
-        if isinstance(activation, (list, tuple, dict)) or not _is_spatial(activation):
-            shape = getattr(activation, "shape", "several tensors")
-            raise NotSpatialError(
-                f"Layer {path!r} has output shape {shape}; Grad-CAM needs a 4-D "
-                "(batch, height, width, channels) convolutional feature map. "
-                "Choose a convolutional layer, e.g. "
-                f"{[p for p in rewiring.order if _is_spatial(rewiring.outputs[p][0])][-3:]}."
-            )
+        if isinstance(activation, (list, tuple, dict)) or not rewiring.is_spatial(activation):
+            raise NotSpatialError(_not_spatial_message(path, activation, rewiring))
         channels_first = rewiring.channels_first(activation)
         exposed = [activation]
 
@@ -598,4 +745,23 @@ def build_gradient_model(
         image_index=image_index,
         image_channels_first=image_channels_first,
         vocabularies=rewiring.vocabularies,
+    )
+
+
+def _not_spatial_message(path: str, activation: Any, rewiring: _Rewiring) -> str:
+    """Why a layer's output is no feature map, and which layers are."""
+    shape = getattr(activation, "shape", "several tensors")
+    candidates = [p for p in rewiring.order if rewiring.is_spatial(rewiring.outputs[p][0])][-3:]
+    if _rank(activation) == 3 and not rewiring.is_spatial(activation):
+        return (
+            f"Layer {path!r} has output shape {shape}: a sequence of tokens computed from an "
+            "image, not a 1-D signal's feature map. Token maps (a Vision Transformer's "
+            "patches back on their grid) are not supported yet; choose a convolutional "
+            f"layer, e.g. {candidates}."
+        )
+    return (
+        f"Layer {path!r} has output shape {shape}; Grad-CAM needs a convolutional feature "
+        "map: 4-D (batch, height, width, channels), or 3-D (batch, length, channels) / 5-D "
+        "(batch, depth, height, width, channels) in a network on signals / volumes. Choose "
+        f"a convolutional layer, e.g. {candidates}."
     )

@@ -166,6 +166,41 @@ def test_score_cam_with_bilinear_upsampling_and_per_image_weights(case, channel_
         np.testing.assert_allclose(result.weights.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [1, 2])
+@pytest.mark.parametrize("channel_softmax", [True, False])
+def test_score_cam_max_channels_scores_the_most_varied_channels_only(case, channel_softmax, keep):
+    """max_channels=N: each image's N channels of largest spatial std, the rest weigh 0."""
+    model, _, images, features = case
+    classes = np.array([2, 0, 1])
+    confidence, _ = _score_cam(
+        model, images, classes, features, channel_softmax=False, baseline=None
+    )
+    n, channels = confidence.shape  # two channels are dead in some images: no ties at the top
+    top = np.argsort(-features.std(axis=(1, 2)), axis=1)[:, :keep]
+    chosen = np.take_along_axis(confidence, top, axis=1)
+    if channel_softmax:
+        chosen = _softmax(chosen, axis=1)
+    alpha = np.zeros((n, channels))
+    np.put_along_axis(alpha, top, chosen, axis=1)
+    cam = ScoreCAM(
+        model, "features", max_channels=keep, channel_softmax=channel_softmax, baseline=None
+    )
+    result = cam(images, target=classes)
+    _close(result.weights, alpha)
+    _close(result.raw_maps, np.einsum("nhwc,nc->nhw", features.astype(np.float64), alpha))
+    if keep == 1:
+        assert len({tuple(t) for t in top}) > 1  # the images keep different channels
+    full = ScoreCAM(model, "features", max_channels=channels, channel_softmax=channel_softmax)
+    _close(
+        full(images, target=classes).weights,
+        ScoreCAM(model, "features", channel_softmax=channel_softmax)(
+            images, target=classes
+        ).weights,
+    )
+    with pytest.raises(ValueError, match="Received: max_channels=0"):
+        ScoreCAM(model, "features", max_channels=0)
+
+
 def test_score_cam_raw_increase_subtracts_the_baseline(case):
     """channel_softmax=False: C(A^k) = f^c(X ∘ H^k) − f^c(X_b), for a non-zero X_b and for none."""
     model, _, images, features = case

@@ -33,16 +33,20 @@ from tf_gradcam.targets import TargetSpec
 __all__ = ["AblationCAM", "ScoreCAM"]
 
 
-def _check_batch_size(batch_size: Any) -> int:
+def _check_batch_size(batch_size: Any, *, name: str = "batch_size") -> int:
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, (int, np.integer))
         or batch_size < 1
     ):
+        what = (
+            "how many masked or ablated images one forward pass scores (memory grows with "
+            "it), e.g. batch_size=32"
+            if name == "batch_size"
+            else "how many channels of each image to score, e.g. max_channels=128"
+        )
         raise ValueError(
-            "`batch_size` must be a positive integer: how many masked or ablated images "
-            "one forward pass scores (memory grows with it), e.g. batch_size=32. "
-            f"Received: batch_size={batch_size!r}."
+            f"`{name}` must be a positive integer: {what}. Received: {name}={batch_size!r}."
         )
     return int(batch_size)
 
@@ -216,6 +220,11 @@ class ScoreCAM(_PerturbationCAM):
             (Algorithm 1); `False` uses the increases themselves (eq. 10).
         probabilities: `f^c` is the class probability (§3.2); `False` uses the
             score before the softmax (Algorithm 1's comment, pytorch-grad-cam).
+        max_channels: score only each image's `max_channels` channels of largest
+            spatial standard deviation; the others weigh 0 (and are left out of
+            the channel softmax). `None` (default) scores every channel, as the
+            paper. Faster Score-CAM's selection (tf-keras-vis `max_N`): the cost
+            drops to `batch × max_channels` passes.
         baseline: `X_b`, a number or an array broadcastable to the image batch
             (in the image's layout); `None` drops the `f^c(X_b)` term, as the
             authors' code. No effect with `channel_softmax=True`.
@@ -246,6 +255,7 @@ class ScoreCAM(_PerturbationCAM):
         batch_size: int = 32,
         channel_softmax: bool = True,
         probabilities: bool = True,
+        max_channels: int | None = None,
         baseline: float | np.ndarray | None = 0.0,
         relu: bool = True,
         logits: bool = True,
@@ -267,6 +277,9 @@ class ScoreCAM(_PerturbationCAM):
                     f"Received: baseline with shape {array.shape}."
                 )
             baseline = array
+        if max_channels is not None:
+            max_channels = _check_batch_size(max_channels, name="max_channels")
+        self.max_channels = max_channels
         self.channel_softmax = bool(channel_softmax)
         self.probabilities = bool(probabilities)
         self.baseline = baseline
@@ -282,17 +295,38 @@ class ScoreCAM(_PerturbationCAM):
 
     def _explain_batch(self, inputs: Any, classes: tf.Tensor, spec: TargetSpec) -> dict:
         activations, _, scores, resolved = self.forward(inputs, classes, spec)
-        confidence = self.masked_scores(inputs, activations, resolved, spec)  # (n, k, C)
+        selected = self.selected_channels(activations)  # (n, N) or None
+        confidence = self.masked_scores(inputs, activations, resolved, spec, selected)
         if self.channel_softmax:
             weights = tf.nn.softmax(confidence, axis=-1)  # f^c(X_b) cancels
         else:
             weights = confidence
             if self.baseline is not None:
                 weights -= self.baseline_scores(inputs, resolved, spec)[..., None]
+        if selected is not None:  # the other channels weigh 0
+            weights = _scatter_channels(weights, selected, _channel_count(activations))
         return self._finish(inputs, activations, weights, scores, resolved)
 
+    def selected_channels(self, activations: tf.Tensor) -> tf.Tensor | None:
+        """With `max_channels`, each image's channels of largest spatial standard deviation.
+
+        Returns:
+            int32 `(batch, max_channels)` channel indices, in decreasing order of
+            standard deviation, or `None` when every channel is used.
+        """
+        channels = activations.shape[-1]
+        if self.max_channels is None or (channels is not None and self.max_channels >= channels):
+            return None
+        spread = tf.math.reduce_std(activations, axis=list(range(1, activations.shape.rank - 1)))
+        return tf.math.top_k(spread, k=self.max_channels).indices
+
     def masked_scores(
-        self, inputs: Any, activations: tf.Tensor, resolved: tf.Tensor, spec: TargetSpec
+        self,
+        inputs: Any,
+        activations: tf.Tensor,
+        resolved: tf.Tensor,
+        spec: TargetSpec,
+        selected: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """`f^c(X ∘ H^k)` for every image, target and channel: `(batch, k, channels)`.
 
@@ -301,6 +335,8 @@ class ScoreCAM(_PerturbationCAM):
             activations: `(batch, h, w, channels)` float32, channels-last.
             resolved: `(batch, k)` int32 classes of the targets.
             spec: the target.
+            selected: `(batch, N)` channels to score (`selected_channels`), or
+                `None` for all; the result then has `N` columns, in that order.
         """
         gradient_model = self.gradient_model
         position = gradient_model.image_index
@@ -316,9 +352,17 @@ class ScoreCAM(_PerturbationCAM):
             tf.concat([[-1], shape[1:-1]], axis=0),
         )
 
+        scored = channels if selected is None else tf.shape(selected)[1]
+
         def scores(index: tf.Tensor) -> tf.Tensor:
-            owner = index // channels
-            masks = upsample_maps(tf.gather(maps, index), size)  # (chunk, H, W)
+            owner = index // scored
+            if selected is None:
+                rows = index
+            else:  # the (index % N)-th selected channel of image `owner`
+                rows = owner * channels + tf.gather_nd(
+                    selected, tf.stack([owner, index % scored], axis=1)
+                )
+            masks = upsample_maps(tf.gather(maps, rows), size)  # (chunk, H, W)
             masks = _min_max(masks, axes=rank - 2)
             leaves = self._gathered(inputs, owner)
             leaves[position] = _masked(
@@ -330,8 +374,8 @@ class ScoreCAM(_PerturbationCAM):
             )
 
         k = resolved.shape[1]
-        flat = self._in_chunks(shape[0] * channels, scores, k)  # (batch·C, k)
-        return tf.transpose(tf.reshape(flat, [shape[0], channels, k]), [0, 2, 1])
+        flat = self._in_chunks(shape[0] * scored, scores, k)  # (batch·C, k)
+        return tf.transpose(tf.reshape(flat, [shape[0], scored, k]), [0, 2, 1])
 
     def baseline_scores(self, inputs: Any, resolved: tf.Tensor, spec: TargetSpec) -> tf.Tensor:
         """`f^c(X_b)` `(batch, k)`: the image replaced by the baseline, other inputs kept."""
@@ -487,3 +531,9 @@ def _cast_like(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 def _masked(image: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """`image ∘ mask`, computed in float32 and returned in the image's dtype."""
     return _cast_like(tf.cast(image, tf.float32) * mask, image)
+
+
+def _scatter_channels(weights: tf.Tensor, selected: tf.Tensor, channels: Any) -> tf.Tensor:
+    """`(n, k, N)` weights of the `selected` `(n, N)` channels as `(n, k, C)`, 0 elsewhere."""
+    one_hot = tf.one_hot(selected, channels, dtype=weights.dtype)  # (n, N, C)
+    return tf.reduce_sum(weights[..., None] * one_hot[:, None], axis=2)

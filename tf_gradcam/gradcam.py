@@ -36,6 +36,9 @@ class Explanation:
     Per-image arrays have the batch axis first; with `TopK(k)` targets they gain
     a `k` axis right after it. `GradCAM.__call__` returns NumPy arrays,
     `GradCAM.compute` returns `tf.Tensor`s (for graph mode and differentiation).
+    For Conv1D networks on signals the maps are `(batch, length)` and for
+    Conv3D networks on volumes `(batch, depth, height, width)` wherever
+    `(batch, height, width)` is written below (docs/models.md).
 
     Attributes:
         heatmaps: `(batch, height, width)` float32 in [0, 1]: `maps` bilinearly

@@ -477,6 +477,15 @@ def _fresh_inputs(model: keras.Model, sample_shape: tuple[int, ...] | None) -> A
 
 def _check_model(model: Any) -> None:
     if not isinstance(model, keras.Model):
+        module = type(model).__module__
+        if module.startswith(("tf_keras", "keras.src.engine", "tensorflow.python.keras")):
+            raise UnsupportedModelError(
+                f"`model` is a tf.keras (Keras 2) model ({module}.{type(model).__name__}); "
+                f"tf_gradcam explains Keras 3 models (keras {keras.__version__}). Rebuild the "
+                "architecture with Keras 3 (`import keras`) and load the weights into it, e.g. "
+                "model.save_weights('w.h5') under tf.keras, then keras_model.load_weights(...) "
+                "on a Keras 3 model with the same layers."
+            )
         raise UnsupportedModelError(
             f"`model` must be a keras.Model. Received: model={type(model).__name__}."
         )

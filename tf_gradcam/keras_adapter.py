@@ -26,6 +26,7 @@ __all__ = [
     "input_rank",
     "is_expandable",
     "is_functional",
+    "is_legacy_keras",
     "is_operation",
     "operation_relu_parameters",
     "run_functional_graph",
@@ -215,3 +216,9 @@ def _probe(problems: list[str]) -> None:
         first_layer_input_shape(sequential) == (1, 5, 5, 3),
         "a Sequential built by a call does not expose its first layer's input",
     )
+
+
+def is_legacy_keras(obj: Any) -> bool:
+    """Whether `obj` comes from tf.keras 2: the `tf_keras` package, or Keras 2 inside TensorFlow."""
+    module = type(obj).__module__
+    return module.startswith(("tf_keras", "keras.src.engine", "tensorflow.python.keras"))

@@ -36,6 +36,7 @@ from tf_gradcam.errors import (
 from tf_gradcam.keras_adapter import (
     SQUASHING_OPERATIONS,
     is_expandable,
+    is_legacy_keras,
     is_operation,
     run_functional_graph,
     twin,
@@ -477,8 +478,8 @@ def _fresh_inputs(model: keras.Model, sample_shape: tuple[int, ...] | None) -> A
 
 def _check_model(model: Any) -> None:
     if not isinstance(model, keras.Model):
-        module = type(model).__module__
-        if module.startswith(("tf_keras", "keras.src.engine", "tensorflow.python.keras")):
+        if is_legacy_keras(model):
+            module = type(model).__module__
             raise UnsupportedModelError(
                 f"`model` is a tf.keras (Keras 2) model ({module}.{type(model).__name__}); "
                 f"tf_gradcam explains Keras 3 models (keras {keras.__version__}). Rebuild the "

@@ -215,8 +215,8 @@ def test_multi_output_list_and_callable_targets(images):
         GradCAM(model)(images, target=2)  # the first output has 2 classes
 
 
-def test_subclassed_model_is_refused_with_a_fix():
-    """A subclassed model gets an error that says how to make it explainable."""
+def test_subclassed_model_is_explained_once_a_layer_is_named():
+    """A subclassed model: `layer=None` asks for a layer; with one, it is explained."""
 
     class Net(keras.Model):
         def __init__(self):
@@ -229,8 +229,11 @@ def test_subclassed_model_is_refused_with_a_fix():
 
     net = Net()
     net(np.zeros((1, 8, 8, 3), np.float32))
-    with pytest.raises(UnsupportedModelError, match="functional"):
+    with pytest.raises(LayerNotFoundError, match=r"layer=.*'conv'"):
         GradCAM(net)
+    result = GradCAM(net, "conv")(np.random.default_rng(0).random((2, 8, 8, 3), np.float32))
+    assert result.heatmaps.shape == (2, 8, 8)
+    assert result.layer == "conv"
 
 
 def test_tf_keras_model_is_refused_with_a_conversion_that_works(images):

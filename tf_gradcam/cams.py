@@ -231,7 +231,11 @@ class EigenCAM(GradCAM):
 
     def _check_channels(self) -> None:
         axis = 1 if self.gradient_model.channels_first else -1
-        activations = self.gradient_model.keras_model.outputs[0]
+        keras_model = self.gradient_model.keras_model
+        if keras_model is None:  # a subclassed model: the captured output's spec
+            activations = self.gradient_model.activation_spec
+        else:
+            activations = keras_model.outputs[0]
         if activations.shape[axis] == 1:
             raise UnsupportedLayerError(
                 f"Eigen-CAM needs a layer with two or more channels; layer {self.layer!r} "

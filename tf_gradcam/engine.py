@@ -26,8 +26,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_gradcam.errors import BackendError, GradCAMError, InputError, TargetError
-from tf_gradcam.keras_adapter import first_layer_input_shape, input_rank
+from tf_gradcam.errors import (
+    BackendError,
+    GradCAMError,
+    InputError,
+    TargetError,
+    UnsupportedModelError,
+)
+from tf_gradcam.keras_adapter import first_layer_input_shape, input_rank, is_expandable
 from tf_gradcam.submodel import GradientModel
 from tf_gradcam.targets import Target, TargetSpec, _select_output, resolve_target
 
@@ -89,7 +95,10 @@ class Engine:
             has_inputs = model.input is not None
         except (AttributeError, ValueError):
             has_inputs = False
-        if has_inputs or not isinstance(model, keras.Sequential):
+        # Sequential models without inputs and subclassed models (no graph, no inputs)
+        # are built from the first batch's shape.
+        subclassed = isinstance(model, keras.Model) and not is_expandable(model)
+        if (has_inputs or not isinstance(model, keras.Sequential)) and not subclassed:
             self._gradient_model = self._build(None)
             self._selected_output(self._gradient_model.output_structure)  # fail early
 
@@ -313,6 +322,27 @@ class Engine:
         it is the images' shape, with a batch axis added to a single image when
         the first layer's input spec asks for one more axis.
         """
+        if isinstance(self.model, keras.Model) and not is_expandable(self.model):
+            # A subclassed model: the images' own shape, a batch as given.
+            several = isinstance(images, dict) or (
+                isinstance(images, (list, tuple))
+                and len(images) > 1
+                and len({np.ndim(v) for v in images}) == 1
+                and np.ndim(images[0]) >= 4
+            )
+            if several:
+                raise UnsupportedModelError(
+                    f"Model {self.model.name!r} is a subclassed keras.Model; tf_gradcam "
+                    "explains subclassed models with one image input only. Received "
+                    f"{type(images).__name__} of {len(images)} inputs."
+                )
+            array = _as_array(images)
+            if array.ndim < 3:
+                raise InputError(
+                    f"`images` must be a batch (batch, height, width, channels). Received "
+                    f"shape {array.shape}."
+                )
+            return (None, *array.shape[1:])
         known = first_layer_input_shape(self.model)
         if known is not None:
             return (None, *known[1:])

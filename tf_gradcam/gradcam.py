@@ -17,9 +17,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_gradcam.capture import build_subclassed_gradient_model, resolve_layer, watching
 from tf_gradcam.engine import Engine, score_columns
 from tf_gradcam.errors import NoGradientError
 from tf_gradcam.image import normalize_maps, upsample_maps
+from tf_gradcam.keras_adapter import is_expandable
 from tf_gradcam.relu_rules import ReluOverride
 from tf_gradcam.submodel import CallOverride, build_gradient_model
 from tf_gradcam.targets import Target, TargetSpec
@@ -248,7 +250,12 @@ class GradCAM(_GradCAMSteps, Engine):
     softmax (multi-label heads), which the paper does not discuss.
 
     Args:
-        model: a Functional or Sequential `keras.Model` (nested models are fine).
+        model: a Functional or Sequential `keras.Model` (nested models are fine),
+            or a subclassed `keras.Model` with one image input: its `call` is run as
+            it is and the layer's output captured on the way (`tf_gradcam.capture`);
+            `layer=` is then required (a path of attributes such as
+            `"encoder/blocks/3"`, or the Layer object), the gradient model is built
+            on the first batch, and `relu_gradients`/`call_override` are refused.
         layer: the convolutional layer to explain: a name, an `"outer/inner"`
             path through nested models, a `Layer` (or bare operation) object, or
             `None` for the last feature map before the global pooling
@@ -262,7 +269,9 @@ class GradCAM(_GradCAMSteps, Engine):
             raise the score.
         absolute_gradients: pool `|∂y^c/∂A|` instead of the gradients.
         logits: explain the score before a trailing softmax/sigmoid (paper
-            default). `False` explains the model's outputs as they are.
+            default). `False` explains the model's outputs as they are. A
+            subclassed model's outputs are always taken as its `call` returns
+            them (a softmax inside `call` cannot be removed; a warning says so).
         output: for multi-output models, which output class targets index (int
             position or output name); default the first.
         call_override: advanced: replaces layer calls in the gradient graph.
@@ -276,7 +285,7 @@ class GradCAM(_GradCAMSteps, Engine):
 
     Raises:
         BackendError: Keras runs on another backend than TensorFlow.
-        UnsupportedModelError: the model is subclassed.
+        UnsupportedModelError: guided gradients or several inputs on a subclassed model.
         LayerNotFoundError: `layer` matches no layer; the message lists the closest.
         NotSpatialError: the layer's output is not 4-D.
         ValueError: an unknown option value.
@@ -307,9 +316,15 @@ class GradCAM(_GradCAMSteps, Engine):
             model, pooling, relu, counterfactual, absolute_gradients, call_override, relu_gradients
         )
         self.logits = logits
+        if isinstance(model, keras.Model) and not is_expandable(model):
+            resolve_layer(model, layer)  # fail early: subclassed models build on the first batch
         super().__init__(
             model,
-            lambda sample_shape: build_gradient_model(
+            lambda sample_shape: (
+                build_subclassed_gradient_model
+                if isinstance(model, keras.Model) and not is_expandable(model)
+                else build_gradient_model
+            )(
                 model,
                 layer,
                 logits=logits,
@@ -337,7 +352,9 @@ class GradCAM(_GradCAMSteps, Engine):
             `(batch, h, w, channels)` float32, gradients `(batch, k, h, w, channels)`.
         """
         gradient_model = self.gradient_model
-        with tf.GradientTape(persistent=spec.k > 1) as tape:
+        # `watching`: a subclassed model's captured layer output is watched as it is
+        # produced (tf_gradcam.capture), so gradients reach it through variable-free ops.
+        with tf.GradientTape(persistent=spec.k > 1) as tape, watching(tape):
             activations, outputs = gradient_model(inputs)
             tape.watch(activations)
             scores, resolved = self.target_scores(outputs, classes, spec)

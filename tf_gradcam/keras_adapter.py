@@ -21,12 +21,12 @@ __all__ = [
     "RELU_OPERATIONS",
     "SQUASHING_OPERATIONS",
     "UNDEFINED_OPERATIONS",
+    "call_owner",
     "check_internals",
     "first_layer_input_shape",
     "input_rank",
     "is_expandable",
     "is_functional",
-    "is_legacy_keras",
     "is_operation",
     "operation_relu_parameters",
     "run_functional_graph",
@@ -126,6 +126,15 @@ def twin(layer: keras.layers.Layer, **replaced: Any) -> keras.layers.Layer:
     return copy
 
 
+def call_owner(layer: Any) -> type:
+    """The class whose `__dict__` defines the `__call__` a layer's calls go through.
+
+    The first class of the layer's MRO that defines it: Keras' base `Layer`
+    for every built-in layer (`tf_gradcam.capture` wraps it for a while).
+    """
+    return next(cls for cls in type(layer).__mro__ if "__call__" in cls.__dict__)
+
+
 def first_layer_input_shape(model: keras.Model) -> tuple | None:
     """The input shape a Sequential model without `keras.Input` was built for, if it was called."""
     first = model.layers[0] if model.layers else None
@@ -209,7 +218,12 @@ def _probe(problems: list[str]) -> None:
         and bool((abs(keras.ops.convert_to_numpy(copy(value)) - linear) < 1e-6).all()),
         "a shallow twin of a layer does not compute with its own activation",
     )
-    sequential = keras.Sequential([keras.layers.Conv2D(2, 3)])
+    conv = keras.layers.Conv2D(2, 3)
+    expect(
+        call_owner(conv) is keras.layers.Layer and call_owner(keras.Model()) is keras.layers.Layer,
+        "Conv2D's and Model's calls do not go through keras.layers.Layer.__call__",
+    )
+    sequential = keras.Sequential([conv])
     expect(input_rank(sequential.layers[0]) == 4, "Conv2D's input spec does not state rank 4")
     sequential(keras.ops.ones((1, 5, 5, 3)))
     expect(

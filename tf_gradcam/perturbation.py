@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_gradcam.errors import UnsupportedModelError
 from tf_gradcam.gradcam import GradCAM
 from tf_gradcam.image import upsample_maps
 from tf_gradcam.targets import TargetSpec
@@ -449,6 +450,13 @@ class AblationCAM(_PerturbationCAM):
         gradient_model = self.gradient_model
         if self._head_of is not gradient_model:
             graph = gradient_model.keras_model
+            if graph is None:
+                raise UnsupportedModelError(
+                    f"Ablation-CAM re-runs the layers after {self.layer!r} on ablated "
+                    f"activations, which needs a functional graph; model {self.model.name!r} "
+                    "is a subclassed keras.Model whose call() cannot be entered midway. Use "
+                    "GradCAM, EigenCAM or ScoreCAM, or rebuild it as a functional model."
+                )
             with tf.init_scope():
                 self._head = keras.Model(
                     [*graph.inputs, graph.outputs[0]],

@@ -493,7 +493,9 @@ def _check_model(model: Any) -> None:
     if not is_expandable(model):
         raise UnsupportedModelError(
             f"Model {model.name!r} is a subclassed keras.Model ({type(model).__name__}); "
-            "its call() hides the inner layers Grad-CAM needs. Build it as a functional "
+            "its call() hides the inner layers this method needs (GradCAM and the CAM "
+            "methods built on it explain it by capturing a layer during its call: pass "
+            "layer=). Build it as a functional "
             "model (keras.Model(inputs, outputs)) or keras.Sequential, e.g. by calling its "
             "layers on `keras.Input` tensors, then explain that model; its weights are shared."
         )
@@ -697,7 +699,8 @@ def build_gradient_model(
     """Build the model that returns a layer's activations together with the scores.
 
     Args:
-        model: a Functional or Sequential `keras.Model`, possibly with nested models.
+        model: a Functional or Sequential `keras.Model`, possibly with nested models
+            (`GradCAM` sends subclassed models to `tf_gradcam.capture` instead).
         layer: name, `"outer/inner"` path, `Layer` object, or `None` for the last feature
             map before the global pooling (searching inside nested models; the rule is
             `_default_path`'s).

@@ -124,7 +124,7 @@ def case():
     return model, logits, images, _features(model, images)
 
 
-def _close(actual, expected, rtol=1e-5):
+def _assert_close(actual, expected, rtol=1e-5):
     expected = np.asarray(expected)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
 
@@ -144,9 +144,9 @@ def test_score_cam_on_a_map_of_the_image_size(channel_softmax):
     alpha, raw = _score_cam(model, images, classes, features, channel_softmax=channel_softmax)
     result = ScoreCAM(model, "features", channel_softmax=channel_softmax)(images, target=classes)
     assert np.isfinite(result.weights).all()
-    _close(result.weights, alpha)
-    _close(result.raw_maps, raw)
-    _close(result.maps, np.maximum(raw, 0))
+    _assert_close(result.weights, alpha)
+    _assert_close(result.raw_maps, raw)
+    _assert_close(result.maps, np.maximum(raw, 0))
 
 
 @pytest.mark.parametrize("channel_softmax", [True, False])
@@ -157,8 +157,8 @@ def test_score_cam_with_bilinear_upsampling_and_per_image_weights(case, channel_
     alpha, raw = _score_cam(model, images, classes, features, channel_softmax=channel_softmax)
     cam = ScoreCAM(model, "features", channel_softmax=channel_softmax)
     result = cam(images, target=classes)
-    _close(result.weights, alpha)
-    _close(result.raw_maps, raw)
+    _assert_close(result.weights, alpha)
+    _assert_close(result.raw_maps, raw)
     np.testing.assert_allclose(result.scores, case[1](images).numpy()[[0, 1, 2], classes], 1e-5)
     # the weights really differ between images: pooling them over the batch would be wrong
     assert np.abs(alpha - alpha.mean(axis=0)).max() > 1e-3 * np.abs(alpha).max()
@@ -186,12 +186,12 @@ def test_score_cam_max_channels_scores_the_most_varied_channels_only(case, chann
         model, "features", max_channels=keep, channel_softmax=channel_softmax, baseline=None
     )
     result = cam(images, target=classes)
-    _close(result.weights, alpha)
-    _close(result.raw_maps, np.einsum("nhwc,nc->nhw", features.astype(np.float64), alpha))
+    _assert_close(result.weights, alpha)
+    _assert_close(result.raw_maps, np.einsum("nhwc,nc->nhw", features.astype(np.float64), alpha))
     if keep == 1:
         assert len({tuple(t) for t in top}) > 1  # the images keep different channels
     full = ScoreCAM(model, "features", max_channels=channels, channel_softmax=channel_softmax)
-    _close(
+    _assert_close(
         full(images, target=classes).weights,
         ScoreCAM(model, "features", channel_softmax=channel_softmax)(
             images, target=classes
@@ -212,8 +212,8 @@ def test_score_cam_raw_increase_subtracts_the_baseline(case):
         result = ScoreCAM(model, "features", channel_softmax=False, baseline=baseline)(
             images, target=classes
         )
-        _close(result.weights, alpha)
-        _close(result.raw_maps, raw)
+        _assert_close(result.weights, alpha)
+        _assert_close(result.raw_maps, raw)
 
 
 def test_score_cam_baseline_cancels_under_the_channel_softmax(case):
@@ -236,16 +236,16 @@ def test_score_cam_logits_and_callable_targets(case):
     classes = np.array([1, 1, 1])
     alpha, raw = _score_cam(logits, images, classes, features)
     by_logit = ScoreCAM(model, "features", probabilities=False)(images, target=1)
-    _close(by_logit.weights, alpha)
-    _close(by_logit.raw_maps, raw)
+    _assert_close(by_logit.weights, alpha)
+    _assert_close(by_logit.raw_maps, raw)
     by_callable = ScoreCAM(model, "features")(images, target=lambda out: out[:, 1])
-    _close(by_callable.weights, alpha)
+    _assert_close(by_callable.weights, alpha)
     assert by_callable.classes is None
     with pytest.raises(ValueError, match="probabilities=False"):
         ScoreCAM(model, "features", logits=False)
     plain = ScoreCAM(model, "features", logits=False, probabilities=False)(images, target=1)
     np.testing.assert_allclose(plain.scores, model(images).numpy()[:, 1], rtol=1e-5)
-    _close(plain.weights, _score_cam(model, images, classes, features)[0])
+    _assert_close(plain.weights, _score_cam(model, images, classes, features)[0])
 
 
 # ----------------------------------------------------------- Ablation-CAM
@@ -258,10 +258,10 @@ def test_ablation_cam_weights_are_the_relative_drop_of_the_score(case):
     y, w, raw = _ablation_cam(model, features, classes)
     assert (y < 0).any() and (y > 0).any() and np.abs(y).min() > 0.2
     result = AblationCAM(model, "features")(images, target=classes)
-    _close(result.scores, y)
-    _close(result.weights, w)
-    _close(result.raw_maps, raw)
-    _close(result.maps, np.maximum(raw, 0))
+    _assert_close(result.scores, y)
+    _assert_close(result.weights, w)
+    _assert_close(result.raw_maps, raw)
+    _assert_close(result.maps, np.maximum(raw, 0))
     np.testing.assert_allclose(result.scores, logits(images).numpy()[[0, 1, 2], classes], 1e-5)
     assert np.abs(w - w.mean(axis=0)).max() > 1e-3 * np.abs(w).max()  # per image
     # not Score-CAM's, not Grad-CAM's weights
@@ -293,7 +293,7 @@ def test_ablation_cam_logits_false_uses_probabilities(case):
         zeroed[..., k] = 0.0
         drops.append(_softmax(_head(model, zeroed))[:, 1])
     expected = (probabilities[:, None] - np.stack(drops, axis=1)) / probabilities[:, None]
-    _close(result.weights, expected, rtol=1e-4)
+    _assert_close(result.weights, expected, rtol=1e-4)
 
 
 def test_ablation_head_reads_earlier_layers_as_they_were():
@@ -318,7 +318,7 @@ def test_ablation_head_reads_earlier_layers_as_they_were():
         zeroed[..., k] = 0.0
         y_k.append(scores(zeroed))
     result = AblationCAM(model, "b")(images, target=1)
-    _close(result.weights, (y[:, None] - np.stack(y_k, axis=1)) / y[:, None])
+    _assert_close(result.weights, (y[:, None] - np.stack(y_k, axis=1)) / y[:, None])
 
 
 def test_ablation_leaves_the_users_model_untouched(case):
@@ -475,7 +475,7 @@ def test_two_input_model_masks_and_ablates_only_the_image_path():
     probs = model([masked, np.repeat(vectors, 3, axis=0)]).numpy().reshape(2, 3, 3)
     alpha = _softmax(probs[np.arange(2), :, classes].astype(np.float64), axis=1)
     result = ScoreCAM(model, "features")([images, vectors], target=classes)
-    _close(result.weights, alpha)
+    _assert_close(result.weights, alpha)
 
     # Ablation-CAM: the skip branch and the vector keep their values
     w, b = (v.astype(np.float64) for v in model.get_layer("head").get_weights())
@@ -494,8 +494,8 @@ def test_two_input_model_masks_and_ablates_only_the_image_path():
         y_k.append(head(zeroed)[np.arange(2), classes])
     expected = (y[:, None] - np.stack(y_k, axis=1)) / y[:, None]
     result = AblationCAM(model, "features")([images, vectors], target=classes)
-    _close(result.scores, y)
-    _close(result.weights, expected)
+    _assert_close(result.scores, y)
+    _assert_close(result.weights, expected)
 
 
 def test_channels_first_model_equals_its_channels_last_twin(case):

@@ -62,9 +62,13 @@ def test_no_import_cycle_between_modules():
 
 
 def test_the_relu_rules_are_a_leaf_below_the_engine():
-    """relu_rules needs only the rewiring, the errors and the Keras adapter (itself a leaf)."""
+    """relu_rules needs only the rewiring, the capture, the errors and the Keras adapter.
+
+    The capture of subclassed models is itself a leaf over the errors and the adapter.
+    """
     graph = _graph()
-    assert graph["relu_rules"] <= {"errors", "keras_adapter", "submodel"}
+    assert graph["relu_rules"] <= {"errors", "keras_adapter", "submodel", "capture"}
+    assert graph["capture"] <= {"errors", "keras_adapter"}
     assert graph["keras_adapter"] == set()
     assert "guided" not in graph["gradcam"]
 

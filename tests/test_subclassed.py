@@ -102,7 +102,7 @@ def _assert_clean() -> None:
     assert capture_module._CAPTURES.get() is None
 
 
-def _close(a, b, atol=1e-5):
+def _assert_close(a, b, atol=1e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0)
 
 
@@ -113,7 +113,7 @@ def test_maps_equal_a_functional_twin(net, images, by):
     for target in (None, 2, TopK(2)):
         mine, theirs = cam(images, target=target), ref(images, target=target)
         for field in ("maps", "weights", "heatmaps", "raw_maps", "scores"):
-            _close(getattr(mine, field), getattr(theirs, field))
+            _assert_close(getattr(mine, field), getattr(theirs, field))
         np.testing.assert_array_equal(mine.classes, theirs.classes)
     assert cam.layer == "blocks/1"
     assert np.abs(mine.maps).max() > 0
@@ -121,14 +121,14 @@ def test_maps_equal_a_functional_twin(net, images, by):
 
 
 def test_eigencam_equals_the_twin_and_ablationcam_is_refused(net, images):
-    _close(
+    _assert_close(
         tf_gradcam.EigenCAM(net, "blocks/0")(images).heatmaps,
         tf_gradcam.EigenCAM(_twin(net), "t_b0")(images).heatmaps,
     )
     with pytest.raises(UnsupportedModelError, match="subclassed"):
         tf_gradcam.AblationCAM(net, "blocks/1")(images)
-    with pytest.raises(UnsupportedModelError, match="subclassed"):
-        GradCAM(net, "blocks/1", relu_gradients="guided")(images)
+    with pytest.raises(UnsupportedModelError, match="custom `call_override`"):
+        GradCAM(net, "blocks/1", call_override=lambda layer: None)(images)
     _assert_clean()
 
 
@@ -157,8 +157,8 @@ def test_gradients_reach_a_layer_with_no_variables_upstream(images):
         score = model.head(model.pool(model.conv(keras.ops.relu(a))))[:, 1]
     grads = tape.gradient(score, a).numpy()
     weights = grads.mean(axis=(1, 2))
-    _close(result.weights[:, 0] if result.weights.ndim == 3 else result.weights, weights)
-    _close(
+    _assert_close(result.weights[:, 0] if result.weights.ndim == 3 else result.weights, weights)
+    _assert_close(
         result.raw_maps[:, 0] if result.raw_maps.ndim == 4 else result.raw_maps,
         np.einsum("nhwc,nc->nhw", a.numpy(), weights),
     )
@@ -255,7 +255,7 @@ def test_threads_predicting_and_explaining_meanwhile(net, images):
         np.testing.assert_array_equal(output, reference_output)
     for path, maps in results.items():
         for m in maps:
-            _close(m, alone[path])
+            _assert_close(m, alone[path])
     _assert_clean()
 
 
@@ -300,11 +300,24 @@ def test_layer_errors_list_candidates(net, images):
     assert GradCAM(net, "blocks/b1")(images).layer == "blocks/b1"  # a sublayer's name
 
 
-def test_probabilities_warn_and_several_inputs_are_refused(images):
+@pytest.mark.parametrize("head", ["softmax", "sigmoid"])
+def test_a_softmax_in_call_is_explained_before_it(images, head):
+    """The paper's y^c is the pre-softmax score: found as the Softmax op's input."""
+    net = _net(head=head)
+    features = net.pool(net.blocks[1](net.blocks[0](net.stem(images))))
+    kernel, bias = net.head.get_weights()
+    logits = features.numpy() @ kernel + bias
+    result = GradCAM(net, "blocks/1")(images)
+    _assert_close(result.scores, logits.max(axis=1))
+    twin = _twin(net)  # Dense without activation: the logits model
+    _assert_close(result.heatmaps, GradCAM(twin, "last")(images).heatmaps)
+    probabilities = GradCAM(net, "blocks/1", logits=False)(images)
+    _assert_close(probabilities.scores, net(images).numpy().max(axis=1))
+    assert not np.allclose(probabilities.scores, result.scores)
+
+
+def test_several_inputs_are_refused(images):
     net = _net(head="softmax")
-    with pytest.warns(UserWarning, match="probabilities"):
-        result = GradCAM(net, "blocks/1")(images)
-    _close(result.scores, net(images).numpy().max(axis=1))  # the probabilities as returned
     with pytest.raises(UnsupportedModelError, match="one image input"):
         GradCAM(net, "blocks/1")({"a": images, "b": images})
     with pytest.raises(InputError):

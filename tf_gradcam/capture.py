@@ -21,9 +21,12 @@ layer's output is *captured* on the way:
 
 `SubclassedGradientModel` runs the model under a capture and offers the
 interface the engine uses (`inputs`, `__call__ -> (activations, outputs)`,
-...). The scores are the model's outputs as its `call` returns them: a
-softmax inside `call` cannot be removed (a warning says so when the traced
-output is a softmax/sigmoid and `logits=True`).
+...). With `logits=True`, an output produced by a softmax/sigmoid op is
+replaced by that op's input in the traced graph (`pre_activation`), so the
+scores are the paper's pre-softmax y^c although `call` is not changed (a
+softmax written out by hand, `exp(x) / sum(exp(x))`, is not recognised). With a
+ReLU override (`GuidedBackprop`, `GuidedGradCAM`, `relu_gradients=`), the
+forward pass runs inside `relu_rules.relu_functions_replaced`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -300,11 +302,26 @@ def _step(node: Any, segment: str) -> Any:
 # ------------------------------------------------------------- gradient model
 
 
-def _is_probability_op(tensor: Any) -> bool:
-    op = getattr(tensor, "op", None)
-    while op is not None and op.type == "Identity" and op.inputs:
+def _squashing_op(tensor: Any) -> Any:
+    """The `Softmax`/`Sigmoid` graph op producing `tensor` (through identities), or `None`."""
+    try:
+        op = tensor.op
+    except AttributeError:  # an eager tensor, a Python number
+        return None
+    while op.type == "Identity" and op.inputs:
         op = op.inputs[0].op
-    return op is not None and op.type in ("Softmax", "Sigmoid")
+    return op if op.type in ("Softmax", "Sigmoid") else None
+
+
+def pre_activation(tensor: Any) -> Any:
+    """The scores a traced output's final softmax/sigmoid was applied to, else the output.
+
+    A model run as it is (subclassed, tf.keras) keeps its softmax; in a traced
+    forward pass the softmax is a graph op whose input is the logits tensor,
+    recorded on the same tape, so the paper's pre-softmax y^c is still there.
+    """
+    op = _squashing_op(tensor)
+    return tensor if op is None else op.inputs[0]
 
 
 class SubclassedGradientModel:
@@ -312,8 +329,7 @@ class SubclassedGradientModel:
 
     Same interface as `tf_gradcam.submodel.GradientModel`, except that
     `keras_model` is `None` (there is no functional graph: methods that need
-    one refuse subclassed models) and the outputs are the model's own
-    (a softmax inside `call` stays).
+    one refuse subclassed models); `layer` is `None` for input gradients only.
 
     Attributes:
         model: the user's model (only called, never modified).
@@ -327,35 +343,50 @@ class SubclassedGradientModel:
     def __init__(
         self,
         model: keras.Model,
-        layer: keras.Operation,
+        layer: keras.Operation | None,
         *,
-        layer_path: str,
+        layer_path: str | None,
         sample_shape: tuple[int | None, ...],
         dtype: str,
+        logits: bool = True,
+        call_override: Any = None,
     ) -> None:
         self.model = model
         self.layer = layer
         self.layer_path = layer_path
+        self.logits = logits
+        self.call_override = call_override
         self.vocabularies: dict[int, int] = {}
         self._input = keras.Input(shape=tuple(sample_shape[1:]), dtype=dtype)
         spec = tf.TensorSpec((None, *sample_shape[1:]), dtype)
-        self.probabilities = False
         found: dict[str, Any] = {}
 
         def trace(x: tf.Tensor) -> Any:
             activations, outputs = self(x)
             found["activations"] = activations
             found["outputs"] = outputs
-            found["probabilities"] = any(_is_probability_op(t) for t in keras.tree.flatten(outputs))
             return outputs
 
         tf.function(trace, autograph=False).get_concrete_function(spec)
         activation = found["activations"]
-        self.probabilities = found["probabilities"]
         as_spec = lambda t: keras.KerasTensor(tuple(t.shape), dtype=t.dtype.name)  # noqa: E731
         self.output_structure = keras.tree.map_structure(as_spec, found["outputs"])
-        rank = len(activation.shape) if hasattr(activation, "shape") else None
         input_rank = len(sample_shape)
+        data_format = next(
+            (
+                getattr(candidate, "data_format", None)
+                for _, candidate in layer_candidates(model)
+                if getattr(candidate, "data_format", None) in ("channels_first", "channels_last")
+            ),
+            keras.config.image_data_format(),
+        )
+        self.image_channels_first = data_format == "channels_first"
+        if layer is None:  # input gradients only (guided backpropagation)
+            self.activation_spec = None
+            self.channels_first = False
+            self.image_index = 0 if input_rank in (3, 4, 5) else None
+            return
+        rank = len(activation.shape) if hasattr(activation, "shape") else None
         if rank != 4 and not (rank in (3, 5) and rank == input_rank):
             shape = getattr(activation, "shape", "several tensors")
             raise NotSpatialError(
@@ -369,23 +400,23 @@ class SubclassedGradientModel:
         self.image_index = (
             0 if input_rank == 4 or (input_rank in (3, 5) and input_rank == rank) else None
         )
-        data_format = next(
-            (
-                getattr(candidate, "data_format", None)
-                for _, candidate in layer_candidates(model)
-                if getattr(candidate, "data_format", None) in ("channels_first", "channels_last")
-            ),
-            keras.config.image_data_format(),
-        )
-        self.image_channels_first = data_format == "channels_first"
 
     @property
     def inputs(self) -> Any:
         return self._input
 
     def __call__(self, inputs: Any) -> tuple[Any, Any]:
-        with capturing(self.layer, tape=_TAPE.get()) as capture:
+        with contextlib.ExitStack() as stack:
+            capture = None
+            if self.layer is not None:
+                capture = stack.enter_context(capturing(self.layer, tape=_TAPE.get()))
+            if self.call_override is not None:
+                stack.enter_context(self.call_override.replacing_functions())
             outputs = self.model(inputs, training=False)
+        if self.logits:
+            outputs = keras.tree.map_structure(pre_activation, outputs)
+        if capture is None:
+            return None, outputs
         if capture.calls == 0:
             raise LayerNotFoundError(
                 f"Layer {self.layer_path!r} is not called when model {self.model.name!r} runs "
@@ -424,19 +455,19 @@ def build_subclassed_gradient_model(
     """`build_gradient_model` for subclassed models (see `SubclassedGradientModel`).
 
     Raises:
-        UnsupportedModelError: guided/deconvolution gradients (`call_override`),
-            a pass without the layer (`expose_layer=False`), several inputs, or
-            no sample batch yet.
+        UnsupportedModelError: a `call_override` other than the ReLU rules'
+            (`ReluOverride`), several inputs, or no sample batch yet.
         LayerNotFoundError, NotSpatialError: as `resolve_layer` and the trace.
     """
     name = f"Model {model.name!r} is a subclassed keras.Model ({type(model).__name__})"
-    if call_override is not None or not expose_layer:
+    if call_override is not None and not hasattr(call_override, "replacing_functions"):
         raise UnsupportedModelError(
-            f"{name}: its call() cannot be re-run with replaced layer calls, so guided / "
-            "deconvolution gradients (relu_gradients=, call_override=, guided methods) are "
-            "not supported for it. Use plain Grad-CAM, or rebuild it as a functional model."
+            f"{name}: its call() cannot be re-run with replaced layer calls, so a custom "
+            "`call_override` cannot apply to it (the guided and deconvolution ReLU rules "
+            "can: relu_gradients=, GuidedBackprop, GuidedGradCAM). Rebuild it as a "
+            "functional model to use a custom override."
         )
-    path, target = resolve_layer(model, layer)
+    path, target = resolve_layer(model, layer) if expose_layer else (None, None)
     if sample_shape is None:
         raise UnsupportedModelError(
             f"{name}; its input shape is known from the first batch of images only."
@@ -447,15 +478,12 @@ def build_subclassed_gradient_model(
         raise UnsupportedModelError(f"{name} with several inputs: not supported yet.")
     dtype = getattr(model, "input_dtype", None) or "float32"
     gradient_model = SubclassedGradientModel(
-        model, target, layer_path=path, sample_shape=tuple(sample_shape), dtype=dtype
+        model,
+        target,
+        layer_path=path,
+        sample_shape=tuple(sample_shape),
+        dtype=dtype,
+        logits=logits,
+        call_override=call_override,
     )
-    if logits and gradient_model.probabilities:
-        warnings.warn(
-            f"{name} whose call() ends in a softmax/sigmoid: its scores are probabilities, "
-            "not the logits the paper explains, because a subclassed model's call() cannot "
-            "be changed. Return logits from call() (and apply the softmax outside) for the "
-            "paper's y^c.",
-            UserWarning,
-            stacklevel=4,
-        )
     return gradient_model

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_gradcam.capture import build_subclassed_gradient_model, resolve_layer, watching
+from tf_gradcam.capture import resolve_layer, watching
 from tf_gradcam.engine import Engine, score_columns
 from tf_gradcam.errors import NoGradientError
 from tf_gradcam.image import normalize_maps, upsample_maps
@@ -320,11 +320,7 @@ class GradCAM(_GradCAMSteps, Engine):
             resolve_layer(model, layer)  # fail early: subclassed models build on the first batch
         super().__init__(
             model,
-            lambda sample_shape: (
-                build_subclassed_gradient_model
-                if isinstance(model, keras.Model) and not is_expandable(model)
-                else build_gradient_model
-            )(
+            lambda sample_shape: build_gradient_model(
                 model,
                 layer,
                 logits=logits,

@@ -24,6 +24,7 @@ Forward outputs are always exactly `keras.activations.relu`'s.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import os
@@ -35,6 +36,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_gradcam.capture import layer_candidates
 from tf_gradcam.errors import UnsupportedActivationError
 from tf_gradcam.keras_adapter import is_expandable, is_operation, operation_relu_parameters
 from tf_gradcam.submodel import call_with_activation
@@ -45,6 +47,7 @@ __all__ = [
     "ReluOverride",
     "deconv_relu",
     "guided_relu",
+    "relu_functions_replaced",
     "true_relu_gradients",
 ]
 
@@ -279,6 +282,99 @@ class DeconvReLU(_ModifiedReLULayer):
 # ------------------------------------------------- finding the model's ReLUs
 
 
+# ------------------------------------- the ReLU functions of models run as they are
+
+
+#: The rule (mode) the ReLU functions of `tf.nn` take in the current context, and
+#: the list recording each call replaced; `None` outside `relu_functions_replaced`.
+_FUNCTION_RULE: contextvars.ContextVar[tuple[str, list[str]] | None] = contextvars.ContextVar(
+    "tf_gradcam_relu_function_rule", default=None
+)
+_FUNCTION_LOCK = threading.Lock()
+#: name → original function, and how many `relu_functions_replaced` blocks are open.
+_FUNCTION_ORIGINALS: dict[str, Any] = {}
+_FUNCTION_USERS = [0]
+
+
+def _relu_function_parameters(name: str, args: tuple, kwargs: dict) -> tuple[float, float | None]:
+    """`(negative_slope, max_value)` of a `tf.nn` ReLU function call."""
+    if name == "relu6":
+        return 0.0, 6.0
+    if name == "leaky_relu":
+        return float(args[0] if args else kwargs.get("alpha", 0.2)), None
+    return 0.0, None
+
+
+def _function_wrapper(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(features: Any, *args: Any, **kwargs: Any) -> Any:
+        active = _FUNCTION_RULE.get()
+        if active is None:
+            return original(features, *args, **kwargs)
+        mode, calls = active
+        negative_slope, max_value = _relu_function_parameters(name, args, kwargs)
+        calls.append(f"tf.nn.{name}")
+        # the rule's own forward pass calls these functions again: unmodified
+        token = _FUNCTION_RULE.set(None)
+        try:
+            return _rule(mode, negative_slope, max_value, 0.0)(tf.convert_to_tensor(features))
+        finally:
+            _FUNCTION_RULE.reset(token)
+
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    return wrapper
+
+
+@contextlib.contextmanager
+def relu_functions_replaced(mode: str) -> Iterator[list[str]]:
+    """While active, in this context only, the `tf.nn` ReLU functions take `mode`'s rule.
+
+    Every ReLU of a Keras 3 or tf.keras model ends in `tf.nn.relu`, `relu6` or `leaky_relu`
+    (ReLU layers, `activation="relu"`, `keras.ops.relu`,
+    `keras.activations.relu`, direct `tf.nn` calls), so a model whose graph
+    cannot be rewired (a subclassed model's `call`, a tf.keras model) gets the
+    guided/deconv backward pass by running it inside this block. The functions
+    are wrapped on the `tf.nn` module while any block is open (refcounted under
+    a lock) and restored, the original objects, when the last one ends, also
+    on errors; a call from any other context (another thread) runs the
+    original function unchanged. Composite ReLUs computed from these functions
+    (a leaky ReLU with a `max_value` or a `threshold`) are guided part by part,
+    which is not exactly the layer-level rule.
+
+    Args:
+        mode: `"guided"` or `"deconv"`.
+
+    Yields:
+        A list to which each replaced call appends its function's name.
+
+    Example:
+        >>> with tf.GradientTape() as tape, relu_functions_replaced("guided"):
+        ...     tape.watch(x)
+        ...     y = model(x)
+        >>> tape.gradient(y, x)  # guided backpropagation
+    """
+    _check_mode(mode)
+    with _FUNCTION_LOCK:
+        if _FUNCTION_USERS[0] == 0:
+            for name in ("relu", "relu6", "leaky_relu"):
+                original = getattr(tf.nn, name)
+                _FUNCTION_ORIGINALS[name] = original
+                setattr(tf.nn, name, _function_wrapper(name, original))
+        _FUNCTION_USERS[0] += 1
+    calls: list[str] = []
+    token = _FUNCTION_RULE.set((mode, calls))
+    try:
+        yield calls
+    finally:
+        _FUNCTION_RULE.reset(token)
+        with _FUNCTION_LOCK:
+            _FUNCTION_USERS[0] -= 1
+            if _FUNCTION_USERS[0] == 0:
+                for name, original in _FUNCTION_ORIGINALS.items():
+                    setattr(tf.nn, name, original)
+                _FUNCTION_ORIGINALS.clear()
+
+
 def _relu_parameters(layer: keras.layers.Layer) -> tuple[str, dict[str, Any] | None]:
     """Classify a layer.
 
@@ -368,8 +464,16 @@ class ReluOverride:
         _check_mode(mode)
         self.mode = mode
         self._replaced: dict[int, str] = {}
+        self._function_calls: tuple[str, ...] = ()
         undefined = []
-        layers = _nested_layers(model) if is_expandable(model) else iter(())
+        if is_expandable(model):
+            layers: Any = _nested_layers(model)
+        elif isinstance(model, keras.Model):  # subclassed: the layers its attributes hold
+            layers = (
+                layer for _, layer in layer_candidates(model) if not isinstance(layer, keras.Model)
+            )
+        else:  # a tf.keras model: its own layers
+            layers = getattr(model, "layers", ())
         for layer in layers:
             kind, info = _relu_parameters(layer)
             if kind == "undefined":
@@ -396,8 +500,24 @@ class ReluOverride:
 
     @property
     def replaced(self) -> tuple[str, ...]:
-        """Names of the layers whose ReLU the gradient graph replaced (once each)."""
-        return tuple(self._replaced.values())
+        """Names of the layers whose ReLU the gradient graph replaced (once each).
+
+        For a model run as it is (subclassed, tf.keras), one `"tf.nn.relu"`
+        (`relu6`, `leaky_relu`) entry per ReLU call of the traced forward pass.
+        """
+        return tuple(self._replaced.values()) + self._function_calls
+
+    @contextlib.contextmanager
+    def replacing_functions(self) -> Iterator[None]:
+        """Give the ReLU functions this override's rule while a model runs as it is.
+
+        For models whose graph cannot be rewired layer by layer (subclassed,
+        tf.keras): see `relu_functions_replaced`.
+        """
+        with relu_functions_replaced(self.mode) as calls:
+            yield
+        if calls:
+            self._function_calls = tuple(calls)
 
     def __call__(self, layer: keras.layers.Layer) -> Callable[..., Any] | None:
         """The call replacing `layer`'s in the gradient graph, or `None` to keep it."""

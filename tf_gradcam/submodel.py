@@ -27,6 +27,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_gradcam.capture import build_subclassed_gradient_model
 from tf_gradcam.errors import (
     InputError,
     LayerNotFoundError,
@@ -699,8 +700,8 @@ def build_gradient_model(
     """Build the model that returns a layer's activations together with the scores.
 
     Args:
-        model: a Functional or Sequential `keras.Model`, possibly with nested models
-            (`GradCAM` sends subclassed models to `tf_gradcam.capture` instead).
+        model: a Functional or Sequential `keras.Model`, possibly with nested models;
+            a subclassed model is handed to `tf_gradcam.capture` (run as it is).
         layer: name, `"outer/inner"` path, `Layer` object, or `None` for the last feature
             map before the global pooling (searching inside nested models; the rule is
             `_default_path`'s).
@@ -715,7 +716,8 @@ def build_gradient_model(
         A `GradientModel`.
 
     Raises:
-        UnsupportedModelError: subclassed models, unbuilt Sequential models.
+        UnsupportedModelError: unbuilt Sequential models; see
+            `capture.build_subclassed_gradient_model` for subclassed ones.
         LayerNotFoundError: unknown or ambiguous layer, with the closest names.
         NotSpatialError: the layer's output is not `(batch, height, width, channels)`.
 
@@ -723,6 +725,15 @@ def build_gradient_model(
         >>> gm = build_gradient_model(model, "conv2d_1")
         >>> activations, scores = gm(images)
     """
+    if isinstance(model, keras.Model) and not is_expandable(model):
+        return build_subclassed_gradient_model(
+            model,
+            layer,
+            logits=logits,
+            expose_layer=expose_layer,
+            call_override=call_override,
+            sample_shape=sample_shape,
+        )
     rewiring, inputs, outputs = _rewire(model, sample_shape, call_override)
     flat_outputs = keras.tree.flatten(outputs)
     if logits:

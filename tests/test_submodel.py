@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 
 import keras
@@ -20,7 +18,6 @@ from tf_gradcam import (
     NoGradientError,
     NotSpatialError,
     TargetError,
-    UnsupportedModelError,
     layer_paths,
 )
 
@@ -234,27 +231,6 @@ def test_subclassed_model_is_explained_once_a_layer_is_named():
     result = GradCAM(net, "conv")(np.random.default_rng(0).random((2, 8, 8, 3), np.float32))
     assert result.heatmaps.shape == (2, 8, 8)
     assert result.layer == "conv"
-
-
-def test_tf_keras_model_is_refused_with_a_conversion_that_works(images):
-    """A tf.keras 2 model: a typed error naming it; its advice (weights into a twin) works."""
-    import tf_keras
-
-    def build(library):
-        inputs = library.Input((16, 16, 3))
-        x = library.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
-        x = library.layers.GlobalAveragePooling2D()(x)
-        return library.Model(inputs, library.layers.Dense(3, activation="softmax")(x))
-
-    legacy = build(tf_keras)
-    with pytest.raises(UnsupportedModelError, match=r"tf\.keras \(Keras 2\) model"):
-        GradCAM(legacy)
-    path = os.path.join(tempfile.mkdtemp(), "w.h5")
-    legacy.save_weights(path)
-    twin = build(keras)
-    twin.load_weights(path)
-    np.testing.assert_allclose(np.asarray(twin(images)), legacy(images).numpy(), atol=1e-6)
-    assert np.isfinite(GradCAM(twin, "conv")(images).heatmaps).all()
 
 
 def test_model_unchanged_after_explaining(images):

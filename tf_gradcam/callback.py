@@ -33,6 +33,7 @@ from tf_gradcam.engine import check_integer_cast
 from tf_gradcam.errors import InputError, UnknownMethodError
 from tf_gradcam.guided import GuidedGradCAM
 from tf_gradcam.image import normalize_gradients, overlay
+from tf_gradcam.keras_adapter import LegacyCallbackHooks
 from tf_gradcam.methods import METHODS, TITLES, get_method, method_name
 from tf_gradcam.pictures import orthogonal_slices, signal_picture
 from tf_gradcam.targets import LABELS, TopK, classes_from_labels, labels_target
@@ -55,7 +56,7 @@ PANEL_MAX_SIZE = 1024
 COLORMAP = "jet"
 
 
-class GradCAMCallback(keras.callbacks.Callback):
+class GradCAMCallback(LegacyCallbackHooks, keras.callbacks.Callback):
     """Logs Grad-CAM maps of a fixed image sample to TensorBoard during training.
 
     Implements the training-time use of Grad-CAM (Selvaraju et al., §6.3,

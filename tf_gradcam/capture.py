@@ -46,7 +46,7 @@ from tf_gradcam.errors import (
     NotSpatialError,
     UnsupportedModelError,
 )
-from tf_gradcam.keras_adapter import call_owner
+from tf_gradcam.keras_adapter import call_owner, is_legacy_keras
 
 __all__ = [
     "Capture",
@@ -251,6 +251,8 @@ def resolve_layer(model: keras.Model, layer: Any) -> tuple[str, keras.Operation]
             "so the layer to explain cannot be chosen automatically. Pass `layer=` (a path "
             f"of attributes such as 'blocks/1', or the Layer object). {_candidates_hint(model)}"
         )
+    if is_legacy_keras(layer):
+        raise _mixed(model, layer)
     if isinstance(layer, keras.Operation):
         for path, candidate in layer_candidates(model):
             if candidate is layer:
@@ -272,12 +274,23 @@ def resolve_layer(model: keras.Model, layer: Any) -> tuple[str, keras.Operation]
                 f"No layer {layer!r} in subclassed model {model.name!r} (no {segment!r} "
                 f"there). {_candidates_hint(model)}"
             )
+    if is_legacy_keras(node):
+        raise _mixed(model, node)
     if not isinstance(node, keras.Operation):
         raise LayerNotFoundError(
             f"{layer!r} in model {model.name!r} is a {type(node).__name__}, not a layer. "
             f"{_candidates_hint(model)}"
         )
     return layer.strip("/"), node
+
+
+def _mixed(model: keras.Model, layer: Any) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"Model {model.name!r} is a Keras 3 model holding the tf.keras 2 layer "
+        f"{getattr(layer, 'name', layer)!r} ({type(layer).__module__}.{type(layer).__name__}): "
+        "tf.keras and Keras 3 layers cannot be mixed in one explained model. Build the "
+        "layer with Keras 3 (`import keras`), or explain the tf.keras model on its own."
+    )
 
 
 def _step(node: Any, segment: str) -> Any:
@@ -372,15 +385,7 @@ class SubclassedGradientModel:
         as_spec = lambda t: keras.KerasTensor(tuple(t.shape), dtype=t.dtype.name)  # noqa: E731
         self.output_structure = keras.tree.map_structure(as_spec, found["outputs"])
         input_rank = len(sample_shape)
-        data_format = next(
-            (
-                getattr(candidate, "data_format", None)
-                for _, candidate in layer_candidates(model)
-                if getattr(candidate, "data_format", None) in ("channels_first", "channels_last")
-            ),
-            keras.config.image_data_format(),
-        )
-        self.image_channels_first = data_format == "channels_first"
+        self.image_channels_first = self._data_format() == "channels_first"
         if layer is None:  # input gradients only (guided backpropagation)
             self.activation_spec = None
             self.channels_first = False
@@ -393,7 +398,7 @@ class SubclassedGradientModel:
                 f"Layer {layer_path!r} has output shape {shape}; Grad-CAM needs a "
                 "convolutional feature map: 4-D (batch, height, width, channels), or 3-D / "
                 "5-D in a network on signals / volumes of that rank. Choose a convolutional "
-                f"layer. {_candidates_hint(model)}"
+                f"layer. {self._hint()}"
             )
         self.activation_spec = as_spec(activation)
         self.channels_first = getattr(layer, "data_format", None) == "channels_first"
@@ -406,17 +411,21 @@ class SubclassedGradientModel:
         return self._input
 
     def __call__(self, inputs: Any) -> tuple[Any, Any]:
+        """One forward pass: `(the layer's activations or None, the scored outputs)`."""
         with contextlib.ExitStack() as stack:
-            capture = None
-            if self.layer is not None:
-                capture = stack.enter_context(capturing(self.layer, tape=_TAPE.get()))
             if self.call_override is not None:
                 stack.enter_context(self.call_override.replacing_functions())
-            outputs = self.model(inputs, training=False)
+            activations, outputs = self._forward(inputs)
         if self.logits:
             outputs = keras.tree.map_structure(pre_activation, outputs)
-        if capture is None:
-            return None, outputs
+        return activations, outputs
+
+    def _forward(self, inputs: Any) -> tuple[Any, Any]:
+        """The model's own call, the layer's output captured on the way."""
+        if self.layer is None:
+            return None, self.model(inputs, training=False)
+        with capturing(self.layer, tape=_TAPE.get()) as capture:
+            outputs = self.model(inputs, training=False)
         if capture.calls == 0:
             raise LayerNotFoundError(
                 f"Layer {self.layer_path!r} is not called when model {self.model.name!r} runs "
@@ -425,6 +434,20 @@ class SubclassedGradientModel:
                 "pass goes through."
             )
         return capture.value, outputs
+
+    def _data_format(self) -> str:
+        """The model's image data format: its first layer that states one, else Keras'."""
+        return next(
+            (
+                getattr(candidate, "data_format", None)
+                for _, candidate in layer_candidates(self.model)
+                if getattr(candidate, "data_format", None) in ("channels_first", "channels_last")
+            ),
+            keras.config.image_data_format(),
+        )
+
+    def _hint(self) -> str:
+        return _candidates_hint(self.model)
 
     def image(self, inputs: Any) -> Any:
         """The image input (as `submodel.image_of`, which this module cannot import)."""

@@ -11,6 +11,7 @@ read.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -232,7 +233,48 @@ def _probe(problems: list[str]) -> None:
     )
 
 
+_LEGACY_MODULES = ("tf_keras", "keras.src.engine", "tensorflow.python.keras")
+
+
+def legacy_keras_package(obj: Any) -> Any:
+    """The tf.keras 2 package an object's class (or a base class) comes from, else `None`."""
+    for cls in type(obj).__mro__:
+        module = cls.__module__
+        if module.startswith("tensorflow.python.keras"):
+            return importlib.import_module("tensorflow.python.keras")
+        if module.startswith(_LEGACY_MODULES):
+            return importlib.import_module(module.split(".")[0])
+    return None
+
+
 def is_legacy_keras(obj: Any) -> bool:
     """Whether `obj` comes from tf.keras 2: the `tf_keras` package, or Keras 2 inside TensorFlow."""
-    module = type(obj).__module__
-    return module.startswith(("tf_keras", "keras.src.engine", "tensorflow.python.keras"))
+    # the class itself, or a base class (a user's subclass of tf_keras.Model)
+    return any(cls.__module__.startswith(_LEGACY_MODULES) for cls in type(obj).__mro__)
+
+
+def _overridden(callback: Any, *hooks: str) -> bool:
+    # Keras marks its own do-nothing hooks with `_is_default` (as tf.keras 2 does).
+    return any(not getattr(getattr(callback, hook), "_is_default", False) for hook in hooks)
+
+
+class LegacyCallbackHooks:
+    """What tf.keras 2's `fit` asks of a callback beyond Keras 3's `Callback` interface.
+
+    tf.keras' `CallbackList` asks each callback whether it implements batch
+    hooks (a private protocol) before training starts; a Keras 3 callback
+    lacks those methods, so `tf_keras.Model.fit(callbacks=[...])` fails with
+    an `AttributeError`. Mixed into `GradCAMCallback`, this answers them the
+    way tf.keras' own base class does, so one callback serves both.
+    """
+
+    def _implements_train_batch_hooks(self) -> bool:
+        return _overridden(
+            self, "on_batch_begin", "on_batch_end", "on_train_batch_begin", "on_train_batch_end"
+        )
+
+    def _implements_test_batch_hooks(self) -> bool:
+        return _overridden(self, "on_test_batch_begin", "on_test_batch_end")
+
+    def _implements_predict_batch_hooks(self) -> bool:
+        return _overridden(self, "on_predict_batch_begin", "on_predict_batch_end")

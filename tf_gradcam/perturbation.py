@@ -453,9 +453,10 @@ class AblationCAM(_PerturbationCAM):
             if graph is None:
                 raise UnsupportedModelError(
                     f"Ablation-CAM re-runs the layers after {self.layer!r} on ablated "
-                    f"activations, which needs a functional graph; model {self.model.name!r} "
-                    "is a subclassed keras.Model whose call() cannot be entered midway. Use "
-                    "GradCAM, EigenCAM or ScoreCAM, or rebuild it as a functional model."
+                    f"activations, which needs a Keras 3 functional graph; model "
+                    f"{self.model.name!r} is run as it is (a subclassed keras.Model, whose "
+                    "call() cannot be entered midway, or a tf.keras 2 model). Use GradCAM, "
+                    "EigenCAM or ScoreCAM, or rebuild it as a Keras 3 functional model."
                 )
             with tf.init_scope():
                 self._head = keras.Model(

@@ -291,9 +291,12 @@ _FUNCTION_RULE: contextvars.ContextVar[tuple[str, list[str]] | None] = contextva
     "tf_gradcam_relu_function_rule", default=None
 )
 _FUNCTION_LOCK = threading.Lock()
-#: name → original function, and how many `relu_functions_replaced` blocks are open.
-_FUNCTION_ORIGINALS: dict[str, Any] = {}
+#: (module, name) → original function, and how many `relu_functions_replaced` blocks are open.
+_FUNCTION_ORIGINALS: dict[tuple[Any, str], Any] = {}
 _FUNCTION_USERS = [0]
+#: The modules the functions are looked up on: Keras 3 calls `tf.nn`, tf.keras 2 calls
+#: `tf.compat.v2.nn` (another module object holding the same functions).
+_FUNCTION_MODULES = (tf.nn, tf.compat.v2.nn, tf.compat.v1.nn)
 
 
 def _relu_function_parameters(name: str, args: tuple, kwargs: dict) -> tuple[float, float | None]:
@@ -334,7 +337,8 @@ def relu_functions_replaced(mode: str) -> Iterator[list[str]]:
     `keras.activations.relu`, direct `tf.nn` calls), so a model whose graph
     cannot be rewired (a subclassed model's `call`, a tf.keras model) gets the
     guided/deconv backward pass by running it inside this block. The functions
-    are wrapped on the `tf.nn` module while any block is open (refcounted under
+    are wrapped on the `tf.nn` modules (`tf.nn`, and `tf.compat.v2.nn` /
+    `tf.compat.v1.nn`, which tf.keras calls) while any block is open (refcounted under
     a lock) and restored, the original objects, when the last one ends, also
     on errors; a call from any other context (another thread) runs the
     original function unchanged. Composite ReLUs computed from these functions
@@ -356,10 +360,11 @@ def relu_functions_replaced(mode: str) -> Iterator[list[str]]:
     _check_mode(mode)
     with _FUNCTION_LOCK:
         if _FUNCTION_USERS[0] == 0:
-            for name in ("relu", "relu6", "leaky_relu"):
-                original = getattr(tf.nn, name)
-                _FUNCTION_ORIGINALS[name] = original
-                setattr(tf.nn, name, _function_wrapper(name, original))
+            for module in _FUNCTION_MODULES:
+                for name in ("relu", "relu6", "leaky_relu"):
+                    original = getattr(module, name)
+                    _FUNCTION_ORIGINALS[module, name] = original
+                    setattr(module, name, _function_wrapper(name, original))
         _FUNCTION_USERS[0] += 1
     calls: list[str] = []
     token = _FUNCTION_RULE.set((mode, calls))
@@ -370,8 +375,8 @@ def relu_functions_replaced(mode: str) -> Iterator[list[str]]:
         with _FUNCTION_LOCK:
             _FUNCTION_USERS[0] -= 1
             if _FUNCTION_USERS[0] == 0:
-                for name, original in _FUNCTION_ORIGINALS.items():
-                    setattr(tf.nn, name, original)
+                for (module, name), original in _FUNCTION_ORIGINALS.items():
+                    setattr(module, name, original)
                 _FUNCTION_ORIGINALS.clear()
 
 

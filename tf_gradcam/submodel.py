@@ -42,6 +42,7 @@ from tf_gradcam.keras_adapter import (
     run_functional_graph,
     twin,
 )
+from tf_gradcam.legacy import build_legacy_gradient_model
 
 __all__ = [
     "CallOverride",
@@ -483,10 +484,12 @@ def _check_model(model: Any) -> None:
             module = type(model).__module__
             raise UnsupportedModelError(
                 f"`model` is a tf.keras (Keras 2) model ({module}.{type(model).__name__}); "
-                f"tf_gradcam explains Keras 3 models (keras {keras.__version__}). Rebuild the "
-                "architecture with Keras 3 (`import keras`) and load the weights into it, e.g. "
-                "model.save_weights('w.h5') under tf.keras, then keras_model.load_weights(...) "
-                "on a Keras 3 model with the same layers."
+                "this method re-runs a Keras 3 graph layer by layer (GradCAM, the CAM "
+                "methods but Ablation-CAM, the guided methods and GradCAMCallback take "
+                "tf.keras models). Rebuild the architecture with Keras 3 (`import keras`) "
+                "and load the weights into it, e.g. model.save_weights('w.h5') under "
+                "tf.keras, then keras_model.load_weights(...) on a Keras 3 model with the "
+                "same layers."
             )
         raise UnsupportedModelError(
             f"`model` must be a keras.Model. Received: model={type(model).__name__}."
@@ -733,6 +736,14 @@ def build_gradient_model(
             expose_layer=expose_layer,
             call_override=call_override,
             sample_shape=sample_shape,
+        )
+    if is_legacy_keras(model):
+        return build_legacy_gradient_model(
+            model,
+            layer,
+            logits=logits,
+            expose_layer=expose_layer,
+            call_override=call_override,
         )
     rewiring, inputs, outputs = _rewire(model, sample_shape, call_override)
     flat_outputs = keras.tree.flatten(outputs)

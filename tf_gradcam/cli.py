@@ -1,7 +1,7 @@
 """The `tf-gradcam` command: `demo` and `explain`. The only module that touches image files.
 
     tf-gradcam demo [--out DIR] [--count N] [--seed S] [--overwrite] [--verbose] [--debug]
-    tf-gradcam explain MODEL IMAGE... [--layer NAME] [--class INDEX | --top-k K]
+    tf-gradcam explain MODEL INPUT... [--layer NAME] [--class INDEX | --top-k K]
                        [--method gradcam|gradcam++|xgradcam|hirescam|layercam|scorecam|
                                  ablationcam|eigencam|counterfactual|guided_backprop|
                                  guided_gradcam]
@@ -14,6 +14,17 @@ cannot check), reads PNG/JPEG images, converts them to the model's channels
 (RGB or grayscale) and size, and writes colour overlays and the raw maps
 (`.npy`) into the output folder and nowhere else. `--labels` names the classes
 in the file names, the printed table and a caption on each PNG.
+
+For a model whose one input is a signal `(batch, length, channels)` (Conv1D) or
+a volume `(batch, depth, height, width, channels)` (Conv3D), the inputs are
+`.npy` files (or `.npz` files holding one array), each one signal `(length,
+channels)` or volume `(depth, height, width, channels)`, the channel axis
+optional for a one-channel model; they are fed as stored (float32), their
+shapes checked against the model's first. It writes per input and class the
+raw map (`.npy`) and `pictures.signal_picture` for a signal, or
+`pictures.volume_montage` (`_montage.png`) and `pictures.orthogonal_slices`
+(`_slices.png`) for a volume. Image files for such a model, and arrays for an
+image model, are refused.
 
 Outputs: the output folder is created and checked writable, and every file the
 command would write is checked absent (unless `--overwrite`), before anything
@@ -69,6 +80,19 @@ _PYTHON_LOGGERS = ("absl", "tensorflow")  # `tf.get_logger()` is the "tensorflow
 _CAPTION_MIN_WIDTH = 256  # captioned pictures are enlarged to at least this width
 _CAPTION_FONT = "DejaVuSans.ttf"  # ships with Matplotlib; Latin, Greek, Cyrillic
 _EXPLAIN_SUFFIXES = (".png", ".npy")  # the files `explain` writes per image and class
+_ARRAY_SUFFIXES = (".npy", ".npz")  # inputs read as arrays (signals, volumes), not images
+#: the files `explain` writes per input and class, by the kind of input the model takes
+_KIND_SUFFIXES = {
+    "image": _EXPLAIN_SUFFIXES,
+    "signal": _EXPLAIN_SUFFIXES,
+    "volume": ("_montage.png", "_slices.png", ".npy"),
+}
+#: array inputs by the model's input rank, with the axes of one input (no batch axis)
+_ARRAY_KINDS = {
+    3: ("signal", "(length, channels)"),
+    5: ("volume", "(depth, height, width, channels)"),
+}
+_VOLUME_CELL = 128  # volume pictures are enlarged by a whole factor to about this many pixels
 
 
 class CommandError(Exception):
@@ -303,6 +327,172 @@ def _read_rgb(name: str) -> np.ndarray:
     if image is None:
         raise CommandError(f"cannot read image {name!r}: not a PNG/JPEG file (or corrupt).")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _is_array_file(name: str) -> bool:
+    """Whether an input path names a NumPy file (`.npy`, `.npz`) rather than an image."""
+    return Path(name).suffix.lower() in _ARRAY_SUFFIXES
+
+
+def _read_array(name: str) -> np.ndarray:
+    """Reads one input array from a `.npy` file, or a `.npz` file holding exactly one array.
+
+    Pickled (object) arrays are refused: `np.load` runs with `allow_pickle=False`.
+
+    Args:
+        name: the `.npy`/`.npz` path.
+
+    Returns:
+        The array as stored (its shape is checked against the model later).
+
+    Raises:
+        CommandError: a missing or unreadable file, one NumPy cannot read, an `.npz`
+            holding no array or several, a non-numeric or empty array, or non-finite values.
+    """
+    try:
+        with open(name, "rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    keys = list(loaded.files)
+                    if len(keys) != 1:
+                        raise CommandError(
+                            f"{name!r} holds {len(keys)} arrays {keys}; an .npz input must hold "
+                            "exactly one (save it with np.savez(path, array) or np.save as .npy)."
+                        )
+                    loaded = loaded[keys[0]]
+    except OSError as error:
+        raise CommandError(f"cannot read array {name!r}: {error.strerror or error}.") from error
+    except (ValueError, EOFError, zipfile.BadZipFile) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise CommandError(
+            f"cannot read array {name!r}: not a NumPy .npy/.npz file, corrupt, or a pickled "
+            f"object array{f' ({first})' if first else ''}."
+        ) from error
+    array = np.asarray(loaded)
+    if array.dtype.kind not in "biuf":
+        raise CommandError(
+            f"{name!r} holds a {array.dtype} array; the model needs numbers (bool, int or float)."
+        )
+    if array.size == 0:
+        raise CommandError(f"{name!r} holds an empty array, of shape {array.shape}.")
+    if not np.isfinite(array).all():
+        raise CommandError(f"{name!r} holds NaN or infinite values; the model needs finite ones.")
+    return array
+
+
+def _model_shape(model: Any) -> tuple[int | None, ...]:
+    """The shape of the model's one input, batch axis included.
+
+    Raises:
+        CommandError: for models with several inputs, or an input that is neither an
+            image `(batch, height, width, channels)` nor an array the CLI reads (a
+            signal of rank 3 or a volume of rank 5).
+    """
+    inputs = getattr(model, "inputs", None) or []
+    shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
+    if len(shape) not in (3, 4, 5):
+        described = [tuple(t.shape) for t in inputs] if inputs else "unknown"
+        raise CommandError(
+            "the CLI needs a model with one fixed-size image input, or one signal "
+            "(batch, length, channels) or volume (batch, depth, height, width, channels) input "
+            f"read from .npy files; this model's inputs are {described}. Use the Python API "
+            "for other models."
+        )
+    return shape
+
+
+def _shown_shape(shape: Sequence[int | None]) -> str:
+    """A shape as text, with `None` (any size) written as `any`: `(any, 2)`."""
+    parts = ["any" if size is None else str(size) for size in shape]
+    return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"  # () for none
+
+
+def _fits(shape: Sequence[int], expected: Sequence[int | None]) -> bool:
+    """Whether an array shape matches a model shape whose `None` sizes match anything."""
+    return len(shape) == len(expected) and all(
+        size is None or size == got for got, size in zip(shape, expected, strict=True)
+    )
+
+
+def _model_array(name: str, array: np.ndarray, model_shape: Sequence[int | None]) -> np.ndarray:
+    """One signal or volume as the model's float32 input, its shape checked against the model.
+
+    Accepted: exactly the model's input shape without the batch axis (sizes the model
+    leaves open, `None`, take any value), or that shape without its channel axis when
+    the model has one channel.
+
+    Args:
+        name: the file the array came from, for the message.
+        array: the array read from it.
+        model_shape: the model's input shape, batch axis included (rank 3 or 5).
+
+    Returns:
+        float32 array of the model's input shape without the batch axis.
+
+    Raises:
+        CommandError: naming the file, the shape received and the shape expected.
+    """
+    kind, axes = _ARRAY_KINDS[len(model_shape)]
+    expected = tuple(model_shape[1:])
+    if _fits(array.shape, expected):
+        return array.astype(np.float32)
+    if expected[-1] == 1 and _fits(array.shape, expected[:-1]):
+        return array[..., None].astype(np.float32)
+    one_channel = (
+        f" (or {_shown_shape(expected[:-1])} for one channel)" if expected[-1] == 1 else ""
+    )
+    if array.ndim == len(expected) + 1 and _fits(array.shape[1:], expected):
+        hint = f"it looks like a batch of {array.shape[0]}; save one {kind} per file"
+    elif array.ndim == len(expected) and _fits(sorted(array.shape), sorted(expected)):
+        hint = f"are its axes in another order? The model wants them as {axes}"
+    else:
+        hint = f"save each {kind} with np.save(path, array) at that shape"
+    raise CommandError(
+        f"{name!r} holds an array of shape {_shown_shape(array.shape)}, but the model takes one "
+        f"{kind} of shape {axes} = {_shown_shape(expected)}{one_channel} per file; {hint}."
+    )
+
+
+def _check_input_kinds(
+    names: Sequence[str], model_shape: Sequence[int | None], preprocess: str | None
+) -> str:
+    """The kind of input the model takes, after checking the files given suit it.
+
+    Image models take image files only; signal and volume models take `.npy`/`.npz`
+    files only, fed as stored, so `--preprocess` (image pixel scaling) is refused.
+
+    Returns:
+        "image", "signal" or "volume".
+
+    Raises:
+        CommandError: naming the first file of the wrong kind and what to give instead.
+    """
+    shown = tuple(model_shape)
+    if len(model_shape) == 4:
+        for name in names:
+            if _is_array_file(name):
+                raise CommandError(
+                    f"{name!r} is an array file, but the model takes images (batch, height, width, "
+                    f"channels) = {shown}; give PNG/JPEG files (.npy/.npz inputs are read for "
+                    "Conv1D signal and Conv3D volume models), or use the Python API for arrays."
+                )
+        return "image"
+    kind, axes = _ARRAY_KINDS[len(model_shape)]
+    expected = _shown_shape(model_shape[1:])
+    for name in names:
+        if not _is_array_file(name):
+            raise CommandError(
+                f"{name!r} is not a .npy/.npz file, but the model takes {kind}s (batch, "
+                f"{axes[1:-1]}) = {shown}, not images; give .npy files each holding one {kind} "
+                f"of shape {axes} = {expected} (np.save(path, array))."
+            )
+    if preprocess is not None:
+        raise CommandError(
+            f"--preprocess scales image pixels; the model takes {kind}s, which are fed as stored "
+            "in the .npy files. Scale the arrays before saving them, and leave --preprocess out."
+        )
+    return kind
 
 
 def _model_inputs(
@@ -635,29 +825,58 @@ def _demo_grid(handle: BinaryIO, scenes: Any, result: Any, overlays: np.ndarray)
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    """`tf-gradcam explain`: one PNG and one `.npy` per image and explained class."""
+    """`tf-gradcam explain`: a PNG (two for volumes) and a `.npy` per input and class."""
     _check_model_file(args.model, args.trust_model)
     labels = _read_labels(args.labels) if args.labels else None
-    originals = [_read_rgb(name) for name in args.images]
+    inputs = [
+        _read_array(name) if _is_array_file(name) else _read_rgb(name) for name in args.images
+    ]
+    guessed = [_guessed_kind(name, x) for name, x in zip(args.images, inputs, strict=True)]
     with _output_folder(args.out) as out:
-        _refuse_existing(out, _explain_targets(args, labels), args.overwrite)
+        _refuse_existing(out, _explain_targets(args, labels, guessed), args.overwrite)
         _import_tensorflow(args.verbose)
         from tf_gradcam import TopK
 
         model = _load_model(args.model, args.trust_model)
-        size, channels = _image_geometry(model)
+        model_shape = _model_shape(model)
+        kind = _check_input_kinds(args.images, model_shape, args.preprocess)
+        if kind == "image":
+            size, channels = _image_geometry(model)
         if labels is not None:
             _check_labels(labels, model, args.labels)
-        images = _model_inputs(originals, size, channels, args.preprocess)
         target = TopK(args.top_k) if args.top_k else args.class_index
-        result, pixels = _explain_with_method(model, images, target, args)
-        rows = _write_explanations(out, args, originals, result, pixels, labels)
-    _print_table(rows, labels is not None)
-    print(
-        f"layer {result.layer}, method {args.method}: wrote {len(rows)} PNG + .npy pair(s) "
-        f"into {out.resolve()}"
-    )
+        if kind == "image":
+            images = _model_inputs(inputs, size, channels, args.preprocess or "unit")
+            result, pixels = _explain_with_method(model, images, target, args)
+            rows = _write_explanations(out, args, inputs, result, pixels, labels)
+            layer = result.layer
+        else:
+            arrays = [
+                _model_array(name, x, model_shape)
+                for name, x in zip(args.images, inputs, strict=True)
+            ]
+            explained = _explain_arrays(model, arrays, target, args)
+            rows = _write_array_explanations(out, args, arrays, explained, labels, kind)
+            layer = explained[0][0].layer
+    _print_table(rows, labels is not None, "image" if kind == "image" else "input")
+    if kind == "volume":
+        wrote = f"{len(rows)} montage PNG(s), {len(rows)} slices PNG(s) and {len(rows)} .npy"
+    else:
+        wrote = f"{len(rows)} PNG + .npy pair(s)"
+    print(f"layer {layer}, method {args.method}: wrote {wrote} into {out.resolve()}")
     return 0
+
+
+def _guessed_kind(name: str, data: np.ndarray) -> str:
+    """The kind of an input from its file alone, before the model is loaded.
+
+    It fixes which output names are checked before anything is computed: an image
+    file is an image, an array of 3 or 4 axes a volume, any other array a signal.
+    The model's input decides in the end (`_check_input_kinds`).
+    """
+    if not _is_array_file(name):
+        return "image"
+    return "volume" if data.ndim in (3, 4) else "signal"
 
 
 def _explanation_names(
@@ -690,26 +909,36 @@ def _explanation_names(
 
 
 def _explain_targets(
-    args: argparse.Namespace, labels: list[str] | None
+    args: argparse.Namespace, labels: list[str] | None, kinds: Sequence[str] | None = None
 ) -> list[str | re.Pattern[str]]:
     """What `explain` will write, in writing order, known before anything is computed.
 
     Exact file names where the arguments fix them; where they depend on the
     predicted classes (`--top-k`, or `--labels` without `--class`), one pattern per
-    image matching every name its classes can give.
+    input matching every name its classes can give. `kinds` gives each input's kind
+    ("image", "signal", "volume": which files it gets); all images by default.
     """
+    kinds = kinds if kinds is not None else ["image"] * len(args.images)
+    endings = [_KIND_SUFFIXES[kind] for kind in kinds]
     if not args.top_k and (labels is None or args.class_index in range(len(labels))):
         classes = [[args.class_index or 0]] * len(args.images)
         rows = _explanation_names(args, classes, labels)
-        return [f"{name}{suffix}" for row in rows for name in row for suffix in _EXPLAIN_SUFFIXES]
+        return [
+            f"{name}{suffix}"
+            for row, suffixes in zip(rows, endings, strict=True)
+            for name in row
+            for suffix in suffixes
+        ]
     if labels is not None:
         part = "|".join(re.escape(_safe_name(label) or str(c)) for c, label in enumerate(labels))
     else:
         part = r"class\d+"
     method = re.escape(_method_token(args.method))
     return [
-        re.compile(rf"{re.escape(stem)}_(?:{part})_{method}(?:_\d+)?\.(?:png|npy)")
-        for stem in _image_stems(args.images)
+        re.compile(
+            rf"{re.escape(stem)}_(?:{part})_{method}(?:_\d+)?(?:{'|'.join(map(re.escape, ends))})"
+        )
+        for stem, ends in zip(_image_stems(args.images), endings, strict=True)
     ]
 
 
@@ -805,9 +1034,110 @@ def _write_explanations(
     return rows
 
 
-def _print_table(rows: list[tuple[str, int, str, float, str]], with_labels: bool) -> None:
-    """Prints one aligned line per written file: image, class, [name,] score, file."""
-    header = ("image", "class", "name", "score", "file")
+def _explain_arrays(
+    model: Any, arrays: Sequence[np.ndarray], target: Any, args: argparse.Namespace
+) -> list[tuple[Any, np.ndarray | None, int]]:
+    """Runs the method on signals or volumes, one batch per distinct input shape.
+
+    Arrays of one shape (always so for a model of fixed size) form one batch; a model
+    that leaves a size open (`None`) gets one batch per size given.
+
+    Returns:
+        Per input, in order: (its batch's explanation, its batch's pixel gradients or
+        None, its position in that batch).
+    """
+    batches: dict[tuple[int, ...], list[int]] = {}
+    for i, array in enumerate(arrays):
+        batches.setdefault(array.shape, []).append(i)
+    explained: list[Any] = [None] * len(arrays)
+    for indices in batches.values():
+        batch = np.stack([arrays[i] for i in indices])
+        result, pixels = _explain_with_method(model, batch, target, args)
+        for position, i in enumerate(indices):
+            explained[i] = (result, pixels, position)
+    return explained
+
+
+def _gradient_heat(gradients: np.ndarray) -> np.ndarray:
+    """Where pixel gradients are large: max |g| over channels, divided by its maximum."""
+    size = np.abs(gradients).max(axis=-1)
+    top = size.max()
+    return size / top if top > 0 else np.zeros_like(size)
+
+
+def _write_array_explanations(
+    out: Path,
+    args: argparse.Namespace,
+    arrays: Sequence[np.ndarray],
+    explained: Sequence[tuple[Any, np.ndarray | None, int]],
+    labels: list[str] | None,
+    kind: str,
+) -> list[tuple[str, int, str, float, str]]:
+    """Writes the pictures and a `.npy` per signal or volume and class.
+
+    Signals get `pictures.signal_picture` (the signal above a colour band of the
+    heatmap); volumes get `pictures.volume_montage` (`_montage.png`, depth slices)
+    and `pictures.orthogonal_slices` (`_slices.png`, through the heatmap's maximum),
+    each enlarged by `ceil(_VOLUME_CELL / largest side)` and blended with `--alpha`.
+    CAM methods draw the heatmap and save the layer-resolution map; guided methods
+    draw the gradients' size (`_gradient_heat`) and save the raw input gradients.
+
+    Returns:
+        One row per input and class: (input path, class, class name or "", score,
+        first PNG name).
+
+    Raises:
+        CommandError: if one of the files exists and `--overwrite` was not given (checked
+            before the first is written), or a file cannot be written.
+    """
+    from tf_gradcam.pictures import orthogonal_slices, signal_picture, volume_montage
+
+    def per_class(values: np.ndarray) -> np.ndarray:  # the k axis `TopK` adds, or one class
+        return values if args.top_k else values[None]
+
+    classes = [np.atleast_1d(result.classes[p]).tolist() for result, _, p in explained]
+    names = _explanation_names(args, classes, labels)
+    suffixes = _KIND_SUFFIXES[kind]
+    _refuse_existing(
+        out,
+        [f"{name}{suffix}" for row in names for name in row for suffix in suffixes],
+        args.overwrite,
+    )
+    rows = []
+    for path, x, (result, pixels, p), input_classes, input_names in zip(
+        args.images, arrays, explained, classes, names, strict=True
+    ):
+        scores = np.atleast_1d(result.scores[p]).tolist()
+        heat, maps = per_class(result.heatmaps[p]), per_class(result.maps[p])
+        gradients = None if pixels is None else per_class(pixels[p])
+        zoom = max(1, -(-_VOLUME_CELL // max(x.shape[:-1])))
+        for j, (c, score, name) in enumerate(zip(input_classes, scores, input_names, strict=True)):
+            label = labels[c] if labels is not None else ""
+            if gradients is None:
+                shown, array = heat[j], maps[j]
+            else:
+                shown, array = _gradient_heat(gradients[j]), gradients[j]
+            if kind == "signal":
+                pictures = [signal_picture(x, shown)]
+            else:
+                pictures = [
+                    volume_montage(x, shown, zoom=zoom, alpha=args.alpha),
+                    orthogonal_slices(x, shown, zoom=zoom, alpha=args.alpha),
+                ]
+            if labels is not None:
+                pictures = [_captioned(picture, label, score) for picture in pictures]
+            for picture, suffix in zip(pictures, suffixes, strict=False):
+                _write_png(out / f"{name}{suffix}", picture)
+            _save_npy(out / f"{name}.npy", array)
+            rows.append((path, int(c), label, float(score), f"{name}{suffixes[0]}"))
+    return rows
+
+
+def _print_table(
+    rows: list[tuple[str, int, str, float, str]], with_labels: bool, first: str = "image"
+) -> None:
+    """Prints one aligned line per written file: image (or `first`), class, [name,] score, file."""
+    header = (first, "class", "name", "score", "file")
     cells = [(p, str(c), n, f"{s:.4g}", f) for p, c, n, s, f in rows]
     keep = [k for k in range(5) if with_labels or k != 2]
     widths = [max(len(header[k]), *(len(r[k]) for r in cells)) for k in range(5)]
@@ -879,15 +1209,23 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser(
         "explain",
         parents=[common],
-        help="explain images with a saved Keras model",
-        description="Explain PNG/JPEG images with a saved Keras model; writes a PNG and a "
-        ".npy per image and class into --out.",
+        help="explain images, signals or volumes with a saved Keras model",
+        description="Explain PNG/JPEG images with a saved Keras image model, or .npy/.npz "
+        "arrays with a Conv1D (signals) or Conv3D (volumes) model; writes a PNG (two for "
+        "volumes) and a .npy per input and class into --out.",
     )
     explain.add_argument(
         "model",
         help="a .keras model file (legacy .h5/.hdf5 files only with --trust-model)",
     )
-    explain.add_argument("images", nargs="+", help="PNG/JPEG image files")
+    explain.add_argument(
+        "images",
+        nargs="+",
+        metavar="INPUT",
+        help="PNG/JPEG image files for an image model; for a model on signals (batch, length, "
+        "channels) or volumes (batch, depth, height, width, channels), .npy files (or .npz "
+        "with one array) each holding one input without the batch axis, fed as stored",
+    )
     explain.add_argument(
         "--layer", metavar="NAME", default=None, help="layer name or 'outer/inner' path"
     )
@@ -917,8 +1255,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--preprocess",
         choices=sorted(_PREPROCESS),
-        default="unit",
-        help="pixel scaling the model expects: unit [0,1], raw [0,255], symmetric [-1,1]",
+        default=None,
+        help="pixel scaling the model expects: unit [0,1] (the default), raw [0,255], "
+        "symmetric [-1,1]; image files only (arrays are fed as stored)",
     )
     explain.add_argument(
         "--method",
@@ -930,7 +1269,11 @@ def _parser() -> argparse.ArgumentParser:
         "(§3.3), or guided_backprop / guided_gradcam gradients (§3.2)",
     )
     explain.add_argument(
-        "--alpha", metavar="A", type=_unit_float, default=0.4, help="overlay opacity (0.4)"
+        "--alpha",
+        metavar="A",
+        type=_unit_float,
+        default=0.4,
+        help="overlay opacity on images and volume slices (0.4); a signal's band is opaque",
     )
     explain.add_argument(
         "--trust-model",

@@ -120,11 +120,17 @@ def test_maps_equal_a_functional_twin(net, images, by):
     _assert_clean()
 
 
-def test_eigencam_equals_the_twin_and_ablationcam_is_refused(net, images):
+def test_eigencam_and_scorecam_equal_the_twin_and_ablationcam_is_refused(net, images):
+    twin = _twin(net)
     _assert_close(
         tf_gradcam.EigenCAM(net, "blocks/0")(images).heatmaps,
-        tf_gradcam.EigenCAM(_twin(net), "t_b0")(images).heatmaps,
+        tf_gradcam.EigenCAM(twin, "t_b0")(images).heatmaps,
     )
+    for options in ({}, {"probabilities": False}):
+        _assert_close(
+            tf_gradcam.ScoreCAM(net, "blocks/1", **options)(images, target=2).heatmaps,
+            tf_gradcam.ScoreCAM(twin, "last", **options)(images, target=2).heatmaps,
+        )
     with pytest.raises(UnsupportedModelError, match="subclassed"):
         tf_gradcam.AblationCAM(net, "blocks/1")(images)
     with pytest.raises(UnsupportedModelError, match="custom `call_override`"):

@@ -99,18 +99,6 @@ def test_feature_layers_of_signal_models_are_listed():
     assert tf_gradcam.layer_paths(_signal_model(), spatial_only=True)[-2:] == ["conv1", "features"]
 
 
-def test_token_sequences_of_an_image_model_are_refused():
-    """(batch, tokens, channels) from an image is no 1-D map: the error says what it is."""
-    inputs = keras.Input((8, 8, 3))
-    x = layers.Conv2D(4, 2, strides=2, name="patches")(inputs)
-    tokens = layers.Reshape((16, 4), name="tokens")(x)
-    tokens = layers.Dense(4, name="mix")(tokens)
-    model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling1D()(tokens)))
-    with pytest.raises(tf_gradcam.NotSpatialError, match="tokens computed from an image"):
-        tf_gradcam.GradCAM(model, "mix")
-    assert tf_gradcam.layer_paths(model, spatial_only=True)[-1] == "patches"
-
-
 def test_flips_mirror_the_time_axis_of_a_signal():
     """Smoothed(flips=True) on a signal: the mean of the map and the reversed copy's, reversed."""
     keras.utils.set_random_seed(5)

@@ -68,7 +68,8 @@ def test_the_relu_rules_are_a_leaf_below_the_engine():
     """
     graph = _graph()
     assert graph["relu_rules"] <= {"errors", "keras_adapter", "submodel", "capture"}
-    assert graph["capture"] <= {"errors", "keras_adapter"}
+    assert graph["capture"] <= {"errors", "keras_adapter", "tokens"}
+    assert graph["tokens"] <= {"errors"}
     assert graph["keras_adapter"] == set()
     assert "guided" not in graph["gradcam"]
 

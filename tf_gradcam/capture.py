@@ -46,7 +46,8 @@ from tf_gradcam.errors import (
     NotSpatialError,
     UnsupportedModelError,
 )
-from tf_gradcam.keras_adapter import call_owner, is_legacy_keras
+from tf_gradcam.keras_adapter import call_owner, is_functional, is_legacy_keras
+from tf_gradcam.tokens import CustomLayout, token_layout
 
 __all__ = [
     "Capture",
@@ -363,9 +364,11 @@ class SubclassedGradientModel:
         dtype: str,
         logits: bool = True,
         call_override: Any = None,
+        reshape: Any = None,
     ) -> None:
         self.model = model
         self.layer = layer
+        self.layout: Any = None
         self.layer_path = layer_path
         self.logits = logits
         self.call_override = call_override
@@ -392,6 +395,22 @@ class SubclassedGradientModel:
             self.image_index = 0 if input_rank in (3, 4, 5) else None
             return
         rank = len(activation.shape) if hasattr(activation, "shape") else None
+        if reshape is not None:
+            self.layout = CustomLayout(reshape)
+        elif rank == 3 and input_rank == 4:  # tokens computed from an image
+            shape = tuple(sample_shape)
+            size = shape[2:4] if self.image_channels_first else shape[1:3]
+            self.layout = token_layout(
+                activation.shape[1],
+                size,
+                layers=[candidate for _, candidate in layer_candidates(model)],
+                where=f"Layer {layer_path!r} (output shape {tuple(activation.shape)})",
+            )
+        if self.layout is not None:
+            self.activation_spec = as_spec(activation)
+            self.channels_first = False
+            self.image_index = 0 if input_rank == 4 else None
+            return
         if rank != 4 and not (rank in (3, 5) and rank == input_rank):
             shape = getattr(activation, "shape", "several tensors")
             raise NotSpatialError(
@@ -474,6 +493,7 @@ def build_subclassed_gradient_model(
     expose_layer: bool = True,
     call_override: Any = None,
     sample_shape: tuple[int | None, ...] | None = None,
+    reshape: Any = None,
 ) -> SubclassedGradientModel:
     """`build_gradient_model` for subclassed models (see `SubclassedGradientModel`).
 
@@ -482,7 +502,8 @@ def build_subclassed_gradient_model(
             (`ReluOverride`), several inputs, or no sample batch yet.
         LayerNotFoundError, NotSpatialError: as `resolve_layer` and the trace.
     """
-    name = f"Model {model.name!r} is a subclassed keras.Model ({type(model).__name__})"
+    kind = "subclassed keras.Model" if not is_functional(model) else "model run as it is"
+    name = f"Model {model.name!r} is a {kind} ({type(model).__name__})"
     if call_override is not None and not hasattr(call_override, "replacing_functions"):
         raise UnsupportedModelError(
             f"{name}: its call() cannot be re-run with replaced layer calls, so a custom "
@@ -508,5 +529,6 @@ def build_subclassed_gradient_model(
         dtype=dtype,
         logits=logits,
         call_override=call_override,
+        reshape=reshape,
     )
     return gradient_model

@@ -10,6 +10,7 @@ variant overrides one step, `channel_weights`, as in pytorch-grad-cam.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -56,6 +57,9 @@ class Explanation:
         degenerate: `(batch,)` bool, `True` where the map is all zero (or
             constant, or non-finite before cleaning).
         layer: path of the explained layer, e.g. `"resnet50/conv5_block3_out"`.
+        layout: for a transformer's token layer, how its tokens were laid on the
+            patch grid (`tf_gradcam.tokens.TokenLayout`: prefix tokens dropped,
+            grid; or `CustomLayout` for `reshape=`); `None` for feature maps.
     """
 
     heatmaps: Any
@@ -66,6 +70,7 @@ class Explanation:
     classes: Any
     degenerate: Any
     layer: str
+    layout: Any = None
 
     def numpy(self) -> Explanation:
         """Return a copy whose tensor fields are NumPy arrays."""
@@ -254,24 +259,33 @@ class GradCAM(_GradCAMSteps, Engine):
             or a subclassed `keras.Model` with one image input: its `call` is run as
             it is and the layer's output captured on the way (`tf_gradcam.capture`);
             `layer=` is then required (a path of attributes such as
-            `"encoder/blocks/3"`, or the Layer object), the gradient model is built
-            on the first batch, and `relu_gradients`/`call_override` are refused.
+            `"encoder/blocks/3"`, or the Layer object) and the gradient model is
+            built on the first batch. tf.keras 2 functional and Sequential models
+            are explained too (`tf_gradcam.legacy`).
         layer: the convolutional layer to explain: a name, an `"outer/inner"`
             path through nested models, a `Layer` (or bare operation) object, or
             `None` for the last feature map before the global pooling
             (trailing max/average pooling skipped: VGG16's `block5_conv3`, not
             `block5_pool`; a fully-convolutional classifier's class-score
             convolution stepped back from, to the layer feeding it; 3-D / 5-D
-            maps in networks on signals / volumes).
+            maps in networks on signals / volumes). A layer inside another
+            layer (a block of keras-hub's `ViTEncoder`) is named by a path of
+            attributes, `"backbone/encoder/encoder_layers/1"`, and captured
+            during the model's call. A `(batch, tokens, channels)` output of an
+            image model is a transformer's tokens: explained on their patch
+            grid (`Explanation.layout` says which).
+        reshape: for token layers whose layout is not prefix tokens followed by a
+            row-major patch grid: a function from `(batch, tokens, channels)` to
+            `(batch, rows, columns, channels)` written with TensorFlow ops.
         pooling: `"mean"` (eq. 1) or `"max"` pooling of the gradients.
         relu: apply the ReLU of eq. 2.
         counterfactual: negate the gradients (§3.3): regions whose removal would
             raise the score.
         absolute_gradients: pool `|∂y^c/∂A|` instead of the gradients.
         logits: explain the score before a trailing softmax/sigmoid (paper
-            default). `False` explains the model's outputs as they are. A
-            subclassed model's outputs are always taken as its `call` returns
-            them (a softmax inside `call` cannot be removed; a warning says so).
+            default). `False` explains the model's outputs as they are. For a
+            model run as it is (subclassed, tf.keras), the input of the traced
+            softmax/sigmoid op that produces an output.
         output: for multi-output models, which output class targets index (int
             position or output name); default the first.
         call_override: advanced: replaces layer calls in the gradient graph.
@@ -285,9 +299,10 @@ class GradCAM(_GradCAMSteps, Engine):
 
     Raises:
         BackendError: Keras runs on another backend than TensorFlow.
-        UnsupportedModelError: guided gradients or several inputs on a subclassed model.
+        UnsupportedModelError: a custom `call_override` or several inputs on a subclassed
+            model.
         LayerNotFoundError: `layer` matches no layer; the message lists the closest.
-        NotSpatialError: the layer's output is not 4-D.
+        NotSpatialError: the layer's output is no feature map (nor tokens on a grid).
         ValueError: an unknown option value.
 
     Example:
@@ -311,6 +326,7 @@ class GradCAM(_GradCAMSteps, Engine):
         call_override: CallOverride | None = None,
         relu_gradients: str | None = None,
         jit_compile: bool = False,
+        reshape: Callable[[Any], Any] | None = None,
     ) -> None:
         call_override = self._set_options(
             model, pooling, relu, counterfactual, absolute_gradients, call_override, relu_gradients
@@ -326,6 +342,7 @@ class GradCAM(_GradCAMSteps, Engine):
                 logits=logits,
                 call_override=call_override,
                 sample_shape=sample_shape,
+                reshape=reshape,
             ),
             output=output,
             jit_compile=jit_compile,
@@ -366,6 +383,9 @@ class GradCAM(_GradCAMSteps, Engine):
             )
         activations = tf.cast(activations, tf.float32)
         grads = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
+        if gradient_model.layout is not None:  # tokens → (batch, rows, columns, channels)
+            activations = gradient_model.layout.to_grid(activations)
+            grads = gradient_model.layout.to_grid(grads, batch_axes=2)
         if gradient_model.channels_first:
             activations = channels_last(activations)
             grads = channels_last(grads, batch_axes=2)
@@ -388,6 +408,8 @@ class GradCAM(_GradCAMSteps, Engine):
         activations, outputs = self.gradient_model(inputs)
         scores, resolved = self.target_scores(outputs, classes, spec)
         activations = tf.cast(activations, tf.float32)
+        if self.gradient_model.layout is not None:
+            activations = self.gradient_model.layout.to_grid(activations)
         if self.gradient_model.channels_first:
             activations = channels_last(activations)
         if spec.kind != "top_k":
@@ -464,6 +486,7 @@ class GradCAM(_GradCAMSteps, Engine):
             classes=classes,
             degenerate=result["degenerate"],
             layer=self.layer,
+            layout=self.gradient_model.layout,
         )
 
     def __call__(self, images: Any, target: Target = None) -> Explanation:

@@ -450,6 +450,13 @@ class AblationCAM(_PerturbationCAM):
         gradient_model = self.gradient_model
         if self._head_of is not gradient_model:
             graph = gradient_model.keras_model
+            if gradient_model.layout is not None:
+                raise UnsupportedModelError(
+                    f"Ablation-CAM re-runs the layers after {self.layer!r} on ablated "
+                    "activations, and that layer outputs transformer tokens laid on a grid "
+                    "(the ablated grid is not put back into tokens). Use GradCAM, EigenCAM "
+                    "or ScoreCAM on token layers."
+                )
             if graph is None:
                 raise UnsupportedModelError(
                     f"Ablation-CAM re-runs the layers after {self.layer!r} on ablated "

@@ -27,7 +27,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tf_gradcam.capture import build_subclassed_gradient_model
+from tf_gradcam.capture import build_subclassed_gradient_model, resolve_layer
 from tf_gradcam.errors import (
     InputError,
     LayerNotFoundError,
@@ -43,6 +43,7 @@ from tf_gradcam.keras_adapter import (
     twin,
 )
 from tf_gradcam.legacy import build_legacy_gradient_model
+from tf_gradcam.tokens import CustomLayout, TokenLayout, token_layout
 
 __all__ = [
     "CallOverride",
@@ -385,6 +386,8 @@ class GradientModel:
         image_channels_first: whether that image is (batch, channels, h, w).
         vocabularies: input position → vocabulary size, for inputs read by an
             `Embedding` layer (token ids must be below it).
+        layout: for a `(batch, tokens, channels)` layer, how its tokens form a
+            grid (`tf_gradcam.tokens`); `None` for feature maps.
     """
 
     def __init__(
@@ -397,8 +400,10 @@ class GradientModel:
         image_index: int | None = None,
         image_channels_first: bool = False,
         vocabularies: dict[int, int] | None = None,
+        layout: TokenLayout | CustomLayout | None = None,
     ) -> None:
         self.keras_model = keras_model
+        self.layout = layout
         self.layer_path = layer_path
         self.output_structure = output_structure
         self.channels_first = channels_first
@@ -699,6 +704,7 @@ def build_gradient_model(
     expose_layer: bool = True,
     call_override: CallOverride | None = None,
     sample_shape: tuple[int, ...] | None = None,
+    reshape: Callable[[Any], Any] | None = None,
 ) -> GradientModel:
     """Build the model that returns a layer's activations together with the scores.
 
@@ -714,6 +720,14 @@ def build_gradient_model(
         call_override: optional function returning a replacement call for a layer
             (used for guided/deconv ReLU).
         sample_shape: shape of a batch, used when the model has no defined inputs.
+        reshape: a function turning the layer's `(batch, tokens, channels)` output into
+            `(batch, rows, columns, channels)`; by default the patch grid of a token
+            output computed from an image is inferred (`tf_gradcam.tokens`).
+
+    A layer that is not a node of the model's graph but sits inside one of its
+    layers (a transformer block inside keras-hub's `ViTEncoder`: a path of
+    attributes such as `"backbone/encoder/encoder_layers/1"`, or the layer
+    object) is captured while the model runs as it is (`tf_gradcam.capture`).
 
     Returns:
         A `GradientModel`.
@@ -736,6 +750,7 @@ def build_gradient_model(
             expose_layer=expose_layer,
             call_override=call_override,
             sample_shape=sample_shape,
+            reshape=reshape,
         )
     if is_legacy_keras(model):
         return build_legacy_gradient_model(
@@ -753,8 +768,22 @@ def build_gradient_model(
     path = None
     channels_first = False
     exposed: list[Any] = []
+    layout = None
     if expose_layer:
-        path = _resolve_path(model, layer, rewiring)
+        try:
+            path = _resolve_path(model, layer, rewiring)
+        except LayerNotFoundError:
+            if not _inside_a_layer(model, layer):
+                raise
+            return build_subclassed_gradient_model(
+                model,
+                layer,
+                logits=logits,
+                expose_layer=True,
+                call_override=call_override,
+                sample_shape=_input_shape(inputs),
+                reshape=reshape,
+            )
         calls = rewiring.outputs[path]
         if len(calls) > 1:
             raise LayerNotFoundError(
@@ -763,13 +792,17 @@ def build_gradient_model(
                 "that is called once."
             )
         activation = calls[0]
-        if isinstance(activation, (list, tuple, dict)) or not rewiring.is_spatial(activation):
+        if isinstance(activation, (list, tuple, dict)):
             raise NotSpatialError(_not_spatial_message(path, activation, rewiring))
-        channels_first = rewiring.channels_first(activation)
+        if reshape is not None or (_rank(activation) == 3 and not rewiring.is_spatial(activation)):
+            layout = _token_layout(model, path, activation, inputs, rewiring, reshape)
+        elif not rewiring.is_spatial(activation):
+            raise NotSpatialError(_not_spatial_message(path, activation, rewiring))
+        channels_first = layout is None and rewiring.channels_first(activation)
         exposed = [activation]
 
     image_index, image_channels_first = rewiring.image_input(
-        inputs, exposed[0] if exposed else None
+        inputs, exposed[0] if exposed and layout is None else None
     )
     keras_model = keras.Model(inputs, exposed + flat_outputs, name=f"{model.name}_gradcam")
     return GradientModel(
@@ -780,6 +813,52 @@ def build_gradient_model(
         image_index=image_index,
         image_channels_first=image_channels_first,
         vocabularies=rewiring.vocabularies,
+        layout=layout,
+    )
+
+
+def _inside_a_layer(model: keras.Model, layer: Any) -> bool:
+    """Whether `layer` names a layer reached through attributes, not a graph node."""
+    if layer is None:
+        return False
+    try:
+        resolve_layer(model, layer)
+    except LayerNotFoundError:
+        return False
+    return True
+
+
+def _input_shape(inputs: Any) -> Any:
+    flat = keras.tree.flatten(inputs)
+    if len(flat) != 1:
+        raise UnsupportedModelError(
+            "A layer inside another layer is captured during the model's call, which is "
+            f"supported for models with one input; this model has {len(flat)}."
+        )
+    return tuple(flat[0].shape)
+
+
+def _token_layout(
+    model: keras.Model,
+    path: str,
+    activation: Any,
+    inputs: Any,
+    rewiring: _Rewiring,
+    reshape: Callable[[Any], Any] | None,
+) -> TokenLayout | CustomLayout:
+    """The patch grid of a token output computed from an image (or the user's reshape)."""
+    if reshape is not None:
+        return CustomLayout(reshape)
+    index, channels_first = rewiring.image_input(inputs, None)
+    if index is None or _rank(keras.tree.flatten(inputs)[index]) != 4:
+        raise NotSpatialError(_not_spatial_message(path, activation, rewiring))
+    shape = keras.tree.flatten(inputs)[index].shape
+    size = tuple(shape[2:4]) if channels_first else tuple(shape[1:3])
+    return token_layout(
+        activation.shape[1],
+        size,
+        layers=rewiring.layers.values(),
+        where=f"Layer {path!r} (output shape {tuple(activation.shape)})",
     )
 
 
@@ -789,10 +868,10 @@ def _not_spatial_message(path: str, activation: Any, rewiring: _Rewiring) -> str
     candidates = [p for p in rewiring.order if rewiring.is_spatial(rewiring.outputs[p][0])][-3:]
     if _rank(activation) == 3 and not rewiring.is_spatial(activation):
         return (
-            f"Layer {path!r} has output shape {shape}: a sequence of tokens computed from an "
-            "image, not a 1-D signal's feature map. Token maps (a Vision Transformer's "
-            "patches back on their grid) are not supported yet; choose a convolutional "
-            f"layer, e.g. {candidates}."
+            f"Layer {path!r} has output shape {shape}: a sequence computed from no image "
+            "(nor from a 1-D signal input), so it is neither a signal's feature map nor "
+            "a transformer's patch tokens. Choose a layer computed from the image or signal, "
+            f"e.g. {candidates}, or pass `reshape=` to lay the sequence on a grid."
         )
     return (
         f"Layer {path!r} has output shape {shape}; Grad-CAM needs a convolutional feature "

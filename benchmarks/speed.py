@@ -31,6 +31,22 @@ Grappler's pruning), Grad-CAM's compiled step against the forward pass.
 
 Models use `weights=None` (random weights, nothing is downloaded) at 224x224.
 
+`--models mobilenetv2-subclassed` times a subclassed model instead: a
+`keras.Model` subclass whose `call` runs MobileNetV2's stem, its 17 inverted
+residual blocks (a Python list of `InvertedResidual` layers, each calling its
+own convolutions) and its head, with the weights of
+`keras.applications.MobileNetV2(weights=None)` copied layer by layer and
+`call` returning the logits. Grad-CAM explains its `out_relu` attribute (the
+last 7x7x1280 feature map), the layer being captured during the model's own
+call (`tf_gradcam.capture`). Its rows: forward (`tf.function` of the subclassed
+model), Grad-CAM and top-5 maps as above, and the functional MobileNetV2's
+forward and Grad-CAM at the same layer in the same repeats; first a check row
+gives the max |difference| between the subclassed and the functional model's
+maps, raw maps, weights, heatmaps and scores at batch 2, and between their
+Guided Grad-CAM gradients; Guided Grad-CAM (the ReLU functions replaced for the
+call, `relu_rules.relu_functions_replaced`) is timed against the subclassed
+model's forward + backward pass to the input. The peers are not run on it.
+
 The other CAM methods (Grad-CAM++, XGrad-CAM, HiResCAM, LayerCAM, Eigen-CAM,
 Score-CAM, Ablation-CAM, tf-keras-vis `Scorecam`) are timed against their
 floors by `benchmarks/methods_speed.py`, which reuses this script's helpers.
@@ -39,6 +55,7 @@ Run:
     python benchmarks/speed.py                       # full table (minutes)
     python benchmarks/speed.py --quick               # MobileNetV2, batches 1 and 8
     python benchmarks/speed.py --models resnet50 --batches 1,32 --repeats 5
+    python benchmarks/speed.py --models mobilenetv2-subclassed --batches 1,32 --no-peers
     python benchmarks/speed.py --peers-path /tmp/peers/lib/python3.11/site-packages
 
 `--peers-path` appends a site-packages folder holding the peers (installed in a
@@ -83,6 +100,8 @@ except ImportError:  # run from a source checkout without installing
 from tf_gradcam import GradCAM, TopK
 
 MODELS = {"resnet50": "ResNet50", "mobilenetv2": "MobileNetV2"}
+#: Subclassed twins (`MobileNetV2Subclassed`): name → (functional original, explained layer).
+SUBCLASSED = {"mobilenetv2-subclassed": ("MobileNetV2", "out_relu")}
 SIZE = 224
 
 
@@ -300,6 +319,191 @@ def bench_model(key: str, batches: list[int], args: argparse.Namespace) -> list[
     return rows
 
 
+# ---------------------------------------------------- subclassed twin
+
+
+def _bn(name: str) -> keras.layers.Layer:
+    return keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.999, name=name)
+
+
+class InvertedResidual(keras.layers.Layer):
+    """MobileNetV2's inverted residual block (`keras.applications`' layer names)."""
+
+    def __init__(self, in_channels: int, filters: int, stride: int, expansion: int, block: int):
+        prefix = f"block_{block}_" if block else "expanded_conv_"
+        super().__init__(name=prefix.rstrip("_"))
+        self.expand = self.expand_bn = self.expand_relu = self.pad = None
+        if block:  # the first block has no expansion
+            self.expand = keras.layers.Conv2D(
+                expansion * in_channels, 1, use_bias=False, name=f"{prefix}expand"
+            )
+            self.expand_bn = _bn(f"{prefix}expand_BN")
+            self.expand_relu = keras.layers.ReLU(6.0, name=f"{prefix}expand_relu")
+        if stride == 2:  # even sizes at 224x224: one row and column after (correct_pad)
+            self.pad = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{prefix}pad")
+        self.depthwise = keras.layers.DepthwiseConv2D(
+            3,
+            strides=stride,
+            use_bias=False,
+            padding="same" if stride == 1 else "valid",
+            name=f"{prefix}depthwise",
+        )
+        self.depthwise_bn = _bn(f"{prefix}depthwise_BN")
+        self.depthwise_relu = keras.layers.ReLU(6.0, name=f"{prefix}depthwise_relu")
+        self.project = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{prefix}project")
+        self.project_bn = _bn(f"{prefix}project_BN")
+        self.residual = in_channels == filters and stride == 1
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = inputs
+        if self.expand is not None:
+            x = self.expand_relu(self.expand_bn(self.expand(x), training=training))
+        if self.pad is not None:
+            x = self.pad(x)
+        x = self.depthwise_relu(self.depthwise_bn(self.depthwise(x), training=training))
+        x = self.project_bn(self.project(x), training=training)
+        return inputs + x if self.residual else x
+
+
+class MobileNetV2Subclassed(keras.Model):
+    """MobileNetV2 (alpha 1, 224x224) as a subclassed model whose `call` runs its blocks.
+
+    The same layers as `keras.applications.MobileNetV2`, under the same names,
+    held in attributes and a Python list of `InvertedResidual` blocks; `call`
+    returns the logits (the functional original ends in a softmax, which
+    `GradCAM(..., logits=True)` strips there). The last feature map is the
+    `out_relu` attribute (7x7x1280).
+    """
+
+    #: (expansion, filters, repeats, first stride) of each stage (the MobileNetV2 paper, table 2).
+    STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))
+    STAGES += ((6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, classes: int = 1000):
+        super().__init__(name="mobilenetv2_subclassed")
+        self.stem = keras.layers.Conv2D(
+            32, 3, strides=2, padding="same", use_bias=False, name="Conv1"
+        )
+        self.stem_bn = _bn("bn_Conv1")
+        self.stem_relu = keras.layers.ReLU(6.0, name="Conv1_relu")
+        self.blocks = []
+        channels = 32
+        for expansion, filters, repeats, stride in self.STAGES:
+            for i in range(repeats):
+                block = InvertedResidual(
+                    channels, filters, stride if i == 0 else 1, expansion, len(self.blocks)
+                )
+                self.blocks.append(block)
+                channels = filters
+        self.head_conv = keras.layers.Conv2D(1280, 1, use_bias=False, name="Conv_1")
+        self.head_bn = _bn("Conv_1_bn")
+        self.out_relu = keras.layers.ReLU(6.0, name="out_relu")
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.classifier = keras.layers.Dense(classes, name="predictions")
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = self.stem_relu(self.stem_bn(self.stem(x), training=training))
+        for block in self.blocks:
+            x = block(x, training=training)
+        x = self.out_relu(self.head_bn(self.head_conv(x), training=training))
+        return self.classifier(self.pool(x))
+
+
+def subclassed_twin(key: str) -> tuple[keras.Model, keras.Model]:
+    """The subclassed model and its functional original, with the same (random) weights."""
+    functional = getattr(keras.applications, SUBCLASSED[key][0])(
+        weights=None, input_shape=(SIZE, SIZE, 3)
+    )
+    model = MobileNetV2Subclassed()
+    model(np.zeros((1, SIZE, SIZE, 3), np.float32))  # builds every layer
+    copied = 0
+    for layer in model._flatten_layers(include_self=False):
+        if layer.weights and not isinstance(layer, InvertedResidual):  # leaf layers
+            layer.set_weights(functional.get_layer(layer.name).get_weights())
+            copied += 1
+    expected = sum(1 for layer in functional.layers if layer.weights)
+    assert copied == expected, f"copied the weights of {copied} layers out of {expected}"
+    return model, functional
+
+
+def bench_subclassed(key: str, batches: list[int], args: argparse.Namespace) -> list[Row]:
+    """Rows for a subclassed twin of a `keras.applications` model at every batch size.
+
+    First a check: the maps of `GradCAM(twin, layer=path)` against those of
+    `GradCAM(functional original)` at the same layer, batch 2 (max |difference|).
+    Then forward and Grad-CAM of the twin, with the functional original's forward
+    and Grad-CAM timed in the same repeats for comparison.
+    """
+    model, functional = subclassed_twin(key)
+    path = SUBCLASSED[key][1]
+    spec = tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32)
+    step = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    forward = lambda x: step(x).numpy()  # noqa: E731
+    cam = GradCAM(model, layer=path)
+    reference = GradCAM(functional, layer=path)
+    functional_forward = compiled_forward(functional)
+    guided = tf_gradcam.GuidedGradCAM(model, layer=path)
+
+    @tf.function(input_signature=[spec])
+    def backward_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            score = tf.reduce_max(model(x, training=False), axis=-1)
+        return tape.gradient(score, x)
+
+    forward_backward = lambda x: backward_step(x).numpy()  # noqa: E731
+
+    images = np.random.default_rng(5).random((2, SIZE, SIZE, 3), dtype=np.float32)
+    mine, theirs = cam(images), reference(images)
+    fields = ("maps", "raw_maps", "weights", "heatmaps", "scores")
+    diff = max(float(np.max(np.abs(getattr(mine, f) - getattr(theirs, f)))) for f in fields)
+    same = bool(np.array_equal(mine.classes, theirs.classes))
+    guided_mine = guided(images).gradients
+    guided_theirs = tf_gradcam.GuidedGradCAM(functional, layer=path)(images).gradients
+    guided_diff = float(np.max(np.abs(guided_mine - guided_theirs)))
+    check = (
+        f"layer {cam.layer!r} vs functional {reference.layer!r}: max |diff| {diff:.1e} over "
+        "maps, raw maps, weights, heatmaps (in [0, 1]), scores; maps up to "
+        f"{float(np.max(np.abs(theirs.maps))):.2g}; same classes: {same}; Guided Grad-CAM "
+        f"max |diff| {guided_diff:.1e} (values up to {float(np.max(np.abs(guided_theirs))):.2g})"
+    )
+    rows = [Row(key, "2", "check: maps against the functional model", None, None, check)]
+    _print_rows(rows, header=False)
+
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        images = rng.random((batch, SIZE, SIZE, 3), dtype=np.float32)
+        operations: dict[str, Callable[[], object]] = {
+            "forward (compiled)": lambda images=images: forward(images),
+            "Grad-CAM": lambda images=images: cam(images),
+            "top-5 maps": lambda images=images: cam(images, target=TopK(5)),
+            "functional: forward (compiled)": lambda images=images: functional_forward(images),
+            "functional: Grad-CAM": lambda images=images: reference(images),
+            "forward + backward to input": lambda images=images: forward_backward(images),
+            "Guided Grad-CAM": lambda images=images: guided(images),
+        }
+        times = time_interleaved(operations, args.repeats, args.min_seconds)
+        base = times["forward (compiled)"]
+        notes = {
+            "top-5 maps": f"{times['top-5 maps'] / times['Grad-CAM']:.2f} x top-1",
+            "functional: Grad-CAM": (
+                f"{times['functional: Grad-CAM'] / times['functional: forward (compiled)']:.2f}"
+                " x functional forward"
+            ),
+            "Guided Grad-CAM": (
+                f"{times['Guided Grad-CAM'] / times['forward + backward to input']:.2f}"
+                " x forward+backward"
+            ),
+        }
+        batch_rows = [
+            Row(key, str(batch), name, seconds * 1000, seconds / base, notes.get(name, ""))
+            for name, seconds in times.items()
+        ]
+        _print_rows(batch_rows, header=False)
+        rows += batch_rows
+    return rows
+
+
 # ------------------------------------------------- loop, graph, callback
 
 
@@ -506,7 +710,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="defaults MobileNetV2, batches 1,8, 3 repeats"
     )
-    parser.add_argument("--models", help="comma-separated (default resnet50,mobilenetv2)")
+    parser.add_argument(
+        "--models",
+        help="comma-separated: resnet50, mobilenetv2, mobilenetv2-subclassed "
+        "(default resnet50,mobilenetv2)",
+    )
     parser.add_argument("--batches", help="comma-separated batch sizes (default 1,8,32)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per row (default 5)")
     parser.add_argument("--min-seconds", type=float, default=0.3, help="per timed sample")
@@ -540,7 +748,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     batches = [int(b) for b in args.batches.split(",")]
     for key in args.models.split(","):
-        rows += bench_model(key.strip().lower(), batches, args)
+        key = key.strip().lower()
+        bench = bench_subclassed if key in SUBCLASSED else bench_model
+        rows += bench(key, batches, args)
     extra = (
         bench_loop(args.calls)
         + bench_dataset(1024, args.repeats)

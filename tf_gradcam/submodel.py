@@ -201,6 +201,14 @@ class _LayerCall(keras.layers.Layer):
             return self._replace(*args, **kwargs)
         return self.wrapped(*args, **kwargs)
 
+    def compute_output_spec(self, *args: Any, **kwargs: Any) -> Any:
+        # The user's layer knows its output spec: layers whose call needs concrete
+        # shapes (keras-hub DeepLabV3's resizing UpSampling2D) cannot be traced on
+        # placeholders, which Keras' default inference would do through `call`.
+        if self._replace is None:
+            return self.wrapped.compute_output_spec(*args, **kwargs)
+        return super().compute_output_spec(*args, **kwargs)
+
 
 def _wrapped_call(
     layer: keras.Operation,
@@ -253,6 +261,8 @@ class _Rewiring:
     input_positions: dict[int, int] = field(default_factory=dict)
     #: input position → rank of that input (3: signals, 4: images, 5: volumes).
     input_ranks: dict[int, int] = field(default_factory=dict)
+    #: ids of model outputs at an input's resolution (a segmenter's per-pixel scores).
+    dense_predictions: set[int] = field(default_factory=set)
 
     def run(self, model: keras.Model, inputs: Any, prefix: str) -> Any:
         if isinstance(model, keras.Sequential):
@@ -521,6 +531,12 @@ def _rewire(
         rewiring.input_positions[id(leaf)] = position
         rewiring.input_ranks[position] = len(leaf.shape)
     outputs = rewiring.run(model, inputs, prefix="")
+    sizes = {tuple(leaf.shape[1:-1]) for leaf in keras.tree.flatten(inputs)}
+    rewiring.dense_predictions = {
+        id(tensor)
+        for tensor in keras.tree.flatten(outputs)
+        if _rank(tensor) in (3, 4, 5) and tuple(tensor.shape[1:-1]) in sizes
+    }
     return rewiring, inputs, outputs
 
 
@@ -560,6 +576,8 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
        input layers left out). Those computed only from globally pooled
        features are dropped unless nothing else is left: MobileNet's 1x1
        `conv_preds` classifier after the pooling, squeeze-and-excitation branches.
+       So is a model output at an input's resolution (a segmenter's per-pixel
+       scores are the scores, not a feature map).
     2. Trailing max/average pooling is stepped over (VGG16: `block5_conv3`, the
        paper's conv5_3, not `block5_pool`).
     3. A *class-score convolution* is stepped over. When the last candidate is
@@ -600,6 +618,12 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
         )
     before_pooling = [p for p in candidates if id(rewiring.outputs[p][0]) not in rewiring.pooled]
     candidates = before_pooling or candidates
+    # A per-pixel output (segmentation scores at the image's size) is the scores
+    # themselves, not a feature map: the default is the layer before it.
+    features = [
+        p for p in candidates if id(rewiring.outputs[p][0]) not in rewiring.dense_predictions
+    ]
+    candidates = features or candidates
     while len(candidates) > 1 and isinstance(rewiring.layers[candidates[-1]], _LOCAL_POOLING):
         candidates.pop()
     return _class_conv_feeder(rewiring, candidates) or candidates[-1]

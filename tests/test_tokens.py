@@ -203,3 +203,48 @@ def test_eigencam_on_a_vit_block_leaves_the_class_token_out():
 def test_ablationcam_refuses_token_layers(images):
     with pytest.raises(tf_gradcam.UnsupportedModelError, match="tokens"):
         tf_gradcam.AblationCAM(_token_model(), "mix")(images)
+
+
+def test_swin_stages_are_token_grids_equal_to_the_tape():
+    """Swin (hierarchical, windowed): each stage's tokens form a grid; the classifier averages
+    the final tokens, so at the final norm Grad-CAM is the CAM identity W_kc / N."""
+    keras.utils.set_random_seed(7)
+    backbone = keras_hub.models.SwinTransformerBackbone(
+        image_shape=(32, 32, 3), embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4
+    )
+    model = keras_hub.models.SwinTransformerImageClassifier(backbone=backbone, num_classes=3)
+    x = np.random.default_rng(8).random((2, 32, 32, 3), dtype=np.float32)
+    tokens = backbone(x).numpy()  # (2, 16, 32): the final norm's output
+    kernel = model.get_layer("predictions").get_weights()[0]
+    result = tf_gradcam.GradCAM(model, "norm")(x, target=2)
+    assert result.layout == TokenLayout(0, (4, 4))
+    _assert_close(result.weights, np.broadcast_to(kernel[:, 2] / 16, (2, 32)))
+    _assert_close(result.raw_maps, (tokens @ kernel[:, 2] / 16).reshape(2, 4, 4))
+    embedded = tf_gradcam.GradCAM(model, "patch_embedding")(x, target=2)
+    assert embedded.layout == TokenLayout(0, (8, 8), 4)  # the patch size the layer states
+
+
+def test_dinov2_register_tokens_are_dropped():
+    """DINOv2 with 4 register tokens: 1 + 4 prefix tokens, then the 4x4 patches."""
+    keras.utils.set_random_seed(9)
+    backbone = keras_hub.models.DINOV2Backbone(
+        patch_size=8,
+        num_layers=2,
+        hidden_dim=16,
+        num_heads=2,
+        intermediate_dim=32,
+        num_register_tokens=4,
+        image_shape=(32, 32, 3),
+        position_embedding_shape=(32, 32, 3),
+    )
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.ops.mean(backbone(inputs)[:, 5:], axis=1)  # mean of the patch tokens
+    model = keras.Model(inputs, layers.Dense(3, name="head")(pooled))
+    x = np.random.default_rng(10).random((2, 32, 32, 3), dtype=np.float32)
+    result = tf_gradcam.GradCAM(model, f"{backbone.name}/layernorm")(x, target=0)
+    assert result.layout == TokenLayout(5, (4, 4), 8)
+    patches = backbone(x).numpy()[:, 5:]
+    kernel = model.get_layer("head").get_weights()[0]
+    _assert_close(result.raw_maps, (patches @ kernel[:, 0] / 16).reshape(2, 4, 4))
+    block = tf_gradcam.GradCAM(model, f"{backbone.name}/encoder/layers/0")(x, target=0)
+    assert block.layout == TokenLayout(5, (4, 4), 8) and np.abs(block.raw_maps).max() > 0

@@ -23,6 +23,7 @@ from tf_gradcam.engine import Engine, score_columns
 from tf_gradcam.errors import NoGradientError
 from tf_gradcam.image import normalize_maps, upsample_maps
 from tf_gradcam.keras_adapter import is_expandable
+from tf_gradcam.preprocessing import attached_preprocessor, heatmaps_on_original
 from tf_gradcam.relu_rules import ReluOverride
 from tf_gradcam.submodel import CallOverride, build_gradient_model
 from tf_gradcam.targets import Target, TargetSpec
@@ -332,6 +333,10 @@ class GradCAM(_GradCAMSteps, Engine):
             model, pooling, relu, counterfactual, absolute_gradients, call_override, relu_gradients
         )
         self.logits = logits
+        #: a keras-hub task's image preprocessor, applied as `model.predict` does
+        #: (`None` when the model has none; set it to `None` to pass images the
+        #: preprocessor has already seen).
+        self.preprocessor = attached_preprocessor(model)
         if isinstance(model, keras.Model) and not is_expandable(model):
             resolve_layer(model, layer)  # fail early: subclassed models build on the first batch
         super().__init__(
@@ -447,8 +452,22 @@ class GradCAM(_GradCAMSteps, Engine):
             ...     tape.watch(x)
             ...     heat = cam.compute(x, target=3).heatmaps
         """
-        result, spec = self._run(images, target)
-        return self.to_explanation(result, spec)
+        if self.preprocessor is None:
+            result, spec = self._run(images, target)
+            return self.to_explanation(result, spec)
+        # A keras-hub task's own preprocessor, as `model.predict` applies it; the
+        # heatmaps go back onto the caller's images (tf_gradcam.preprocessing).
+        shape = tf.shape(images) if tf.is_tensor(images) else np.shape(images)
+        height, width = int(shape[-3]), int(shape[-2])
+        inputs = self.preprocessor(images)
+        if isinstance(inputs, tuple):  # (x, y, sample_weight) preprocessors
+            inputs = inputs[0]
+        result, spec = self._run(inputs, target)
+        explanation = self.to_explanation(result, spec)
+        heatmaps = heatmaps_on_original(
+            explanation.heatmaps, self.preprocessor.image_converter, height, width
+        )
+        return replace(explanation, heatmaps=heatmaps)
 
     def to_explanation(self, result: dict, spec: TargetSpec) -> Explanation:
         """The `Explanation` of one compiled step's results; warns once about all-zero maps.

@@ -14,6 +14,7 @@ TensorBoard's image, scalar and text plugins, so training needs no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -111,12 +112,20 @@ class GradCAMCallback(LegacyCallbackHooks, keras.callbacks.Callback):
 
     Args:
         images: the images to explain, fixed at construction: a
-            `(batch, height, width, channels)` array, a tuple
-            `(images, labels)`, or a `tf.data.Dataset` yielding images or
-            `(images, labels[, sample_weights])`, batched or not, from which
-            the first `max_images` images are taken. Labels are class indices
-            or one-hot rows. Images are shown as given: floats in [0, 1] or
-            values in [0, 255].
+            `(batch, height, width, channels)` array (for Conv1D / Conv3D
+            models, signals `(batch, length, channels)` or volumes `(batch,
+            depth, height, width, channels)`), a tuple `(images, labels)`, or a
+            `tf.data.Dataset` yielding images, signals or volumes, or `(x,)`,
+            `(x, labels)` or `(x, labels, sample_weights)` of them, batched or
+            not, from which the first `max_images` are taken. A dataset's
+            elements of rank 3 are images, and also batches of signals when
+            the element_spec gives their length and channels; of rank 4
+            batches of images, and also volumes when the element_spec gives
+            their whole shape; each such element is then read both ways at
+            construction and the model's input rank picks the reading when a
+            fit starts (images until then, and for a model whose inputs are
+            unknown). Labels are class indices or one-hot rows. Images are
+            shown as given: floats in [0, 1] or values in [0, 255].
         log_dir: directory of the TensorBoard logs, as for
             `keras.callbacks.TensorBoard`.
         target: which class to explain: `None` (the predicted class, chosen
@@ -166,9 +175,11 @@ class GradCAMCallback(LegacyCallbackHooks, keras.callbacks.Callback):
     Raises:
         InputError: (a `ValueError`) `images` that no model could explain or
             no panel show: not numbers (strings, objects), NaN or infinite
-            values in the images kept, not of rank 4, no image, a zero
-            height, width or channel count, 2 channels, or images of
-            different shapes (a ragged list or dataset).
+            values in the images kept, not of rank 3, 4 or 5 (a dataset:
+            elements not of rank 2 to 5), no image, a zero height, width or
+            channel count, 2 channels (images and volumes), or images of
+            different shapes (a ragged list or dataset). For a dataset read
+            two ways (see `images`), when both readings are refused.
         ValueError: an argument of the wrong form or value, regions that do
             not match the images, `target="labels"` without labels, a `TopK`
             target (log one class per image), or `class_names` that are not
@@ -176,7 +187,8 @@ class GradCAMCallback(LegacyCallbackHooks, keras.callbacks.Callback):
             labels use.
 
     Images the model cannot take (other channels, another size, a model of
-    several inputs, floats for an integer input) are found at the start of
+    several inputs, floats for an integer input, a dataset's reading of the
+    model's rank that was refused at construction) are found at the start of
     each `fit`: one `UserWarning` names the problem and the callback stays
     disabled for that `fit`; training goes on. If the event file stops
     taking writes (its folder or the file deleted or replaced, a full disk;
@@ -215,33 +227,29 @@ class GradCAMCallback(LegacyCallbackHooks, keras.callbacks.Callback):
         _check_options(method, freq, update_freq, max_images)
         if not isinstance(annotate, (bool, np.bool_)):
             raise ValueError(f"`annotate` must be True or False. Received: annotate={annotate!r}.")
-        sample, labels = _take_sample(images, max_images)
+        readings = _take_samples(images, max_images)
         target = labels_target(target)
-        _check_target(target, labels, len(sample))
-        names = _check_class_names(class_names, target, labels)
-        if regions is None:
-            sample = sample[:max_images]
-            labels = None if labels is None else labels[:max_images]
-            if _is_per_image(target):
-                target = np.asarray(target)[:max_images]
-        _check_finite(sample)
-        self.images = sample
-        self.labels = labels
+        readings.apply(
+            functools.partial(
+                _prepare_sample,
+                target=target,
+                class_names=class_names,
+                regions=regions,
+                method=method,
+                max_images=max_images,
+            )
+        )
+        # Each way of reading a dataset's elements (images, or signals / volumes) gives a
+        # sample; the model's input rank picks one when a fit starts (`_check_model_inputs`).
+        self._samples = readings
+        self._from_dataset = isinstance(images, tf.data.Dataset)
+        self._use(readings.first())
         self.log_dir = str(log_dir)
-        self.target = target
         self.layer = layer
         self.method = method if method == "guided_gradcam" else method_name(method)
         self.freq = freq
         self.update_freq = 1 if update_freq == "batch" else update_freq
         self.max_images = max_images
-        if sample.ndim != 4 and (regions is not None or method == "guided_gradcam"):
-            raise InputError(
-                "`regions` and method='guided_gradcam' need images (batch, height, width, "
-                f"channels); the sample is of rank {sample.ndim} (signals or volumes). Leave "
-                "them out: the callback logs the maps of any CAM method for signals and volumes."
-            )
-        self.regions = _region_masks(regions, sample.shape[:3])
-        self.class_names = names
         self.annotate = bool(annotate)
         self.strict = strict
         if self.update_freq != "epoch":
@@ -323,14 +331,37 @@ class GradCAMCallback(LegacyCallbackHooks, keras.callbacks.Callback):
         self._failures = 0
         return result
 
+    def _use(self, sample: _Sample) -> None:
+        """Make `sample` the one explained: its images, labels, target, names and regions."""
+        self.images = sample.images
+        self.labels = sample.labels
+        self.target = sample.target
+        self.class_names = sample.class_names
+        self.regions = sample.regions
+
     def _check_model_inputs(self) -> None:
-        """Disable the callback for this fit (or raise, if `strict`) when the model cannot
-        take its images: wrong channels, size, number of inputs or integer dtype."""
-        problem = _input_mismatch(self.model, self.images)
+        """Pick the sample of the model's input rank (a dataset's elements may be read as
+        images or as signals / volumes); then disable the callback for this fit (or raise,
+        if `strict`) when the model cannot take its images: that reading of the dataset
+        was refused, wrong channels, size, number of inputs or integer dtype."""
+        refused = None
+        rank = _input_rank(self.model)
+        sample = self._samples.found.get(rank)
+        if isinstance(sample, _Sample):
+            self._use(sample)
+        elif sample is not None:
+            refused = sample
+        if refused is not None:
+            problem = (
+                f"model {getattr(self.model, 'name', 'model')!r} takes {_KINDS[rank]}, and the "
+                f"dataset's elements read as {self._samples.names[rank]} are refused: {refused}"
+            )
+        else:
+            problem = _input_mismatch(self.model, self.images, dataset=self._from_dataset)
         if problem is None:
             return
         if self.strict:
-            raise InputError(problem)
+            raise (InputError if refused is None else type(refused))(problem) from refused
         self._disabled = True
         warnings.warn(
             f"GradCAMCallback is disabled for this fit: {problem} Training continues without "
@@ -663,10 +694,87 @@ def _check_class_names(
     return names
 
 
-def _take_sample(images: Any, max_images: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The fixed sample: `(images, labels or None)` as NumPy arrays, checked (`_check_images`)."""
+#: What a sample of each rank is, in messages.
+_KINDS = {
+    3: "signals (batch, length, channels)",
+    4: "images (batch, height, width, channels)",
+    5: "volumes (batch, depth, height, width, channels)",
+}
+#: What one item of a dataset's element is, by the item's rank.
+_ITEMS = {
+    2: ("signal", "(length, channels)"),
+    3: ("image", "(height, width, channels)"),
+    4: ("volume", "(depth, height, width, channels)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sample:
+    """One checked reading of `images`: what the callback explains and logs."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    target: Any
+    class_names: tuple[str, ...] | None
+    regions: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class _Readings:
+    """The samples `images` gives, keyed by the sample's rank (3 signals, 4 images, 5
+    volumes), each a value or the `ValueError` that refused that reading.
+
+    An array or a tuple has one reading. A dataset whose elements are of rank 3 (an
+    image, or a batch of signals) or 4 (a batch of images, or a volume) may have two,
+    images first; the model's input rank picks one when a fit starts.
+    """
+
+    found: dict[int, Any]
+    #: How the elements were read for each rank, in messages.
+    names: dict[int, str] = dataclasses.field(default_factory=dict)
+    #: Why a dataset's elements were not also read as signals or volumes ("" if they were).
+    note: str = ""
+
+    def apply(self, fn: Callable[..., Any]) -> None:
+        """Replace each reading `value` by `fn(*value)` (or the `ValueError` it raises);
+        raise if every reading is refused."""
+        for rank, value in self.found.items():
+            if not isinstance(value, ValueError):
+                try:
+                    self.found[rank] = fn(*value)
+                except ValueError as error:
+                    self.found[rank] = error
+        self._raise_if_refused()
+
+    def first(self) -> Any:
+        """The first reading that was not refused (images before signals or volumes)."""
+        return next(v for v in self.found.values() if not isinstance(v, ValueError))
+
+    def _raise_if_refused(self) -> None:
+        errors = list(self.found.values())
+        if not all(isinstance(e, ValueError) for e in errors):
+            return
+        first = errors[0]
+        if len(errors) == 1 or len({str(e) for e in errors}) == 1:
+            if not self.note:
+                raise first
+            raise type(first)(f"{first} {self.note}") from first
+        kind = type(first) if all(type(e) is type(first) for e in errors) else InputError
+        names = list(self.names.values())
+        reasons = " ".join(
+            f"Read as {self.names[rank]}: {error}" for rank, error in self.found.items()
+        )
+        raise kind(
+            f"The dataset's elements can be read as {names[0]} or as {names[1]}; neither "
+            f"reading gives a sample the callback can explain. {reasons}"
+        ) from first
+
+
+def _take_samples(images: Any, max_images: int) -> _Readings:
+    """The fixed sample's readings: `(images, labels or None)` as NumPy arrays, checked
+    (`_check_images`, labels as class indices); raises if every reading is refused."""
     if isinstance(images, tf.data.Dataset):
-        array, labels = _sample_dataset(images, max_images)
+        readings = _sample_dataset(images, max_images)
     elif isinstance(images, tuple):
         if len(images) not in (2, 3):
             raise InputError(
@@ -674,18 +782,55 @@ def _take_sample(images: Any, max_images: int) -> tuple[np.ndarray, np.ndarray |
                 f"Received: images=a tuple of length {len(images)}."
             )
         array, labels = _as_images(images[0]), np.asarray(images[1])
+        readings = _Readings({array.ndim: (array, labels)})
     elif isinstance(images, (np.ndarray, tf.Tensor, list)):
-        array, labels = _as_images(images), None
+        array = _as_images(images)
+        readings = _Readings({array.ndim: (array, None)})
     else:
         raise InputError(
             "`images` must be an array (batch, height, width, channels), a tuple "
             f"(images, labels) or a tf.data.Dataset. Received: images={reprlib.repr(images)} "
             f"of type {type(images).__name__}."
         )
+    readings.apply(_checked_sample)
+    readings.note = ""  # the later checks do not depend on how the elements are read
+    return readings
+
+
+def _checked_sample(array: np.ndarray, labels: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """`(array, class indices or None)`, once `_check_images` accepts the array."""
     _check_images(array)
     if labels is not None:
         labels = _class_indices(labels, len(array))
     return array, labels
+
+
+def _prepare_sample(
+    sample: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    target: Any,
+    class_names: Any,
+    regions: dict[str, Any] | None,
+    method: str,
+    max_images: int,
+) -> _Sample:
+    """The sample the callback keeps, with its target, class names and region masks."""
+    _check_target(target, labels, len(sample))
+    names = _check_class_names(class_names, target, labels)
+    if regions is None:
+        sample = sample[:max_images]
+        labels = None if labels is None else labels[:max_images]
+        if _is_per_image(target):
+            target = np.asarray(target)[:max_images]
+    _check_finite(sample)
+    if sample.ndim != 4 and (regions is not None or method == "guided_gradcam"):
+        raise InputError(
+            "`regions` and method='guided_gradcam' need images (batch, height, width, "
+            f"channels); the sample is of rank {sample.ndim} (signals or volumes). Leave "
+            "them out: the callback logs the maps of any CAM method for signals and volumes."
+        )
+    return _Sample(sample, labels, target, names, _region_masks(regions, sample.shape[:3]))
 
 
 def _describe(array: np.ndarray) -> str:
@@ -783,11 +928,21 @@ def _check_finite(images: np.ndarray) -> None:
     )
 
 
-def _input_mismatch(model: Any, images: np.ndarray) -> str | None:
+def _input_rank(model: Any) -> int | None:
+    """The rank of the model's one input, or None (several inputs, or unknown ones)."""
+    try:
+        inputs = list(model.inputs or [])
+    except (AttributeError, ValueError):
+        return None
+    return len(inputs[0].shape) if len(inputs) == 1 else None
+
+
+def _input_mismatch(model: Any, images: np.ndarray, *, dataset: bool = False) -> str | None:
     """Why `model` cannot take `images` (inputs, channels, size, integer dtype), or None.
 
     None too when the model's inputs are unknown (a Sequential model without
-    `keras.Input`, a subclassed model): the engine checks the images then.
+    `keras.Input`, a subclassed model): the engine checks the images then. `dataset`:
+    the images come from a `tf.data.Dataset` (the hints say how to fix the dataset).
     """
     try:
         inputs = list(model.inputs or [])
@@ -805,19 +960,32 @@ def _input_mismatch(model: Any, images: np.ndarray) -> str | None:
         )
     expected = tuple(inputs[0].shape)
     if len(expected) != images.ndim:
-        kinds = {
-            3: "signals (batch, length, channels)",
-            4: "images (batch, height, width, channels)",
-            5: "volumes (batch, depth, height, width, channels)",
+        hints = {
+            (4, 3): " For one image (height, width, channels), add a batch axis: images[None].",
+            (4, 5): " Merge the batch axes, e.g. images.reshape(-1, *images.shape[-3:]).",
         }
-        hint = ""
-        if len(expected) == 4 and images.ndim == 3:
-            hint = " For one image (height, width, channels), add a batch axis: images[None]."
-        elif len(expected) == 4 and images.ndim == 5:
-            hint = " Merge the batch axes, e.g. images.reshape(-1, *images.shape[-3:])."
+        if dataset:
+            axes = {3: "length channels", 5: "depth height width channels"}
+            names = axes.get(len(expected), " ".join(["axis"] * (len(expected) - 1))).split()
+            item = ", ".join(
+                str(n) if n is not None else f"<{axis}>"
+                for n, axis in zip(expected[1:], names, strict=True)
+            )
+            hints = {
+                (4, 3): " For grayscale images (height, width), add a channel axis, e.g. "
+                "dataset.map(lambda x, *rest: (x[..., None], *rest)).",
+                (4, 5): " The dataset yields batches of batches: unbatch it once.",
+                (3, 4): " The dataset's elements were read as images: for them to be read as "
+                "batches of signals, give their length and channels in the element_spec, e.g. "
+                f"dataset.map(lambda x, *rest: (tf.ensure_shape(x, (None, {item})), *rest)).",
+                (5, 4): " The dataset's elements were read as batches of images: for them to "
+                "be read as volumes, give their whole shape in the element_spec, e.g. "
+                f"dataset.map(lambda x, *rest: (tf.ensure_shape(x, ({item})), *rest)).",
+            }
+        hint = hints.get((len(expected), images.ndim), "")
         return (
             f"model {name!r} takes inputs of shape {expected}, not "
-            f"{kinds.get(images.ndim, 'these arrays')}. {received}.{hint}"
+            f"{_KINDS.get(images.ndim, 'these arrays')}. {received}.{hint}"
         )
     if expected[-1] is not None and expected[-1] != images.shape[-1]:
         return (
@@ -847,46 +1015,129 @@ def _error_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def _sample_dataset(dataset: tf.data.Dataset, count: int) -> tuple[np.ndarray, Any]:
+def _sample_dataset(dataset: tf.data.Dataset, count: int) -> _Readings:
+    """The first `count` items of a dataset, under each reading of its elements.
+
+    Elements (an array, or a tuple `(x,)`, `(x, labels)` or `(x, labels, weights)`) of
+    rank 2 are signals, of rank 5 batches of volumes. Rank 3 is an image, and also a batch
+    of signals when the element_spec gives their length and channels; rank 4 a batch of
+    images, and also a volume when the element_spec gives its whole shape (a batch's
+    size is seldom known, a signal's or volume's shape usually is). The elements are read
+    once, as many as the readings need.
+    """
     spec = dataset.element_spec
     wrong = (
-        "A dataset must yield images or (images, labels[, weights]) tensors. Received: "
-        f"images=a tf.data.Dataset with element_spec={spec}."
+        "A dataset must yield images, signals or volumes, or tuples (x,), (x, labels) or "
+        "(x, labels, weights) of them. Received: images=a tf.data.Dataset with "
+        f"element_spec={spec}."
     )
     if isinstance(spec, tuple):
-        if len(spec) not in (2, 3) or not isinstance(spec[0], tf.TensorSpec):
+        if len(spec) not in (1, 2, 3) or not isinstance(spec[0], tf.TensorSpec):
             raise InputError(wrong)
-        image_spec = spec[0]
+        shape = spec[0].shape
     elif isinstance(spec, tf.TensorSpec):
-        image_spec = spec
+        shape = spec.shape
     else:
         raise InputError(wrong)
-    if image_spec.shape.rank == 4:
-        dataset = dataset.unbatch()
-    elif image_spec.shape.rank != 3:
+    rank = shape.rank
+    if rank not in (2, 3, 4, 5):
+        hints = {
+            1: " For one-channel signals (length,), add a channel axis, e.g. "
+            "dataset.map(lambda x, *rest: (x[..., None], *rest)).",
+            None: " Give it with tf.ensure_shape in a dataset.map.",
+        }
         raise InputError(
-            "The dataset's images must be (height, width, channels) or batches of them. "
-            f"Received: images=a tf.data.Dataset with element_spec={spec}."
+            "The dataset's elements must be signals (length, channels), images (height, "
+            "width, channels) or volumes (depth, height, width, channels), of rank 2, 3 or 4, "
+            "or batches of them, of rank 3, 4 or 5. Received: images=a tf.data.Dataset whose "
+            f"elements are of {'unknown rank' if rank is None else f'rank {rank}'} "
+            f"(element_spec={spec})." + hints.get(rank, "")
         )
-    elements = list(dataset.take(count).as_numpy_iterator())
+    batched = [rank in (4, 5)]  # the first reading: signals, images, images, volumes
+    note = ""
+    if rank == 3:
+        if shape[1:].is_fully_defined():
+            batched.append(True)
+        else:
+            note = (
+                "(If the elements are batches of signals (batch, length, channels), give their "
+                "length and channels in the element_spec, e.g. with tf.ensure_shape in a "
+                "dataset.map, to have them read as such.)"
+            )
+    elif rank == 4:
+        if shape.is_fully_defined():
+            batched.append(False)
+        else:
+            note = (
+                "(If the elements are single volumes (depth, height, width, channels), give "
+                "their whole shape in the element_spec, e.g. with tf.ensure_shape in a "
+                "dataset.map, to have them read as such.)"
+            )
+    elements: list[Any] = []
+    items = 0
+    for element in dataset.as_numpy_iterator():
+        elements.append(element)
+        items += len(element[0] if isinstance(spec, tuple) else element)
+        # Enough single items for an unbatched reading, and enough batched items for a
+        # batched first reading (a batched second reading of rank-3 elements gets at least
+        # `count` items from `count` non-empty batches).
+        if (False not in batched or len(elements) >= count) and (not batched[0] or items >= count):
+            break
     if not elements:
         raise InputError(
             "`images` must hold at least one image. Received: images=an empty tf.data.Dataset "
             f"with element_spec={spec}."
         )
-    pictures = [e[0] for e in elements] if isinstance(spec, tuple) else elements
+    readings = _Readings({}, note=note)
+    for is_batch in batched:
+        item_rank = rank - 1 if is_batch else rank
+        noun, axes = _ITEMS[item_rank]
+        name = f"batches of {noun}s (batch, {axes[1:]}" if is_batch else f"{noun}s {axes}"
+        readings.names[item_rank + 1] = name
+        try:
+            readings.found[item_rank + 1] = _read_elements(elements, is_batch, count, spec, noun)
+        except ValueError as error:
+            readings.found[item_rank + 1] = error
+    return readings
+
+
+def _read_elements(
+    elements: list[Any], batched: bool, count: int, spec: Any, noun: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first `count` items of the elements and their labels (None without labels)."""
+    labelled = isinstance(spec, tuple) and len(spec) > 1
+    items: list[np.ndarray] = []
+    labels: list[Any] = []
+    for index, element in enumerate(elements):
+        x = element[0] if isinstance(spec, tuple) else element
+        y = element[1] if labelled else None
+        if not batched:
+            items.append(x)
+            labels.append(y)
+            continue
+        if labelled and (np.ndim(y) == 0 or len(y) != len(x)):
+            raise InputError(
+                f"A batch's labels must hold one label per {noun}: element {index} of the "
+                f"dataset holds {len(x)} {noun}s and labels of shape {np.shape(y)}. Received: "
+                f"images=a tf.data.Dataset with element_spec={spec}."
+            )
+        items.extend(x)
+        labels.extend(y if labelled else [None] * len(x))
+    items, labels = items[:count], labels[:count]
+    if not items:
+        raise InputError(
+            f"`images` must hold at least one {noun}. Received: images=a tf.data.Dataset of "
+            f"empty batches, with element_spec={spec}."
+        )
     try:
-        array = np.stack(pictures)
+        array = np.stack(items)
     except ValueError as error:
         raise InputError(
-            "`images` must be one batch of images of the same shape. Received: images=a "
-            f"tf.data.Dataset whose first {len(pictures)} images have shapes "
-            f"{_shapes(pictures)}. Resize them to one size in the dataset (e.g. with "
-            "tf.image.resize)."
+            f"`images` must be one batch of {noun}s of the same shape. Received: images=a "
+            f"tf.data.Dataset whose first {len(items)} {noun}s have shapes {_shapes(items)}. "
+            f"Resize them to one size in the dataset (e.g. with tf.image.resize)."
         ) from error
-    if isinstance(spec, tuple):
-        return array, np.stack([e[1] for e in elements])
-    return array, None
+    return array, (np.stack(labels) if labelled else None)
 
 
 def _class_indices(labels: np.ndarray, count: int) -> np.ndarray:

@@ -248,3 +248,22 @@ def test_dinov2_register_tokens_are_dropped():
     _assert_close(result.raw_maps, (patches @ kernel[:, 0] / 16).reshape(2, 4, 4))
     block = tf_gradcam.GradCAM(model, f"{backbone.name}/encoder/layers/0")(x, target=0)
     assert block.layout == TokenLayout(5, (4, 4), 8) and np.abs(block.raw_maps).max() > 0
+
+
+def test_the_cli_explains_a_token_layer_of_a_saved_keras_hub_vit(tmp_path):
+    """`tf-gradcam explain vit.keras img.png --layer <block path>`: the API's map on the grid."""
+    import cv2
+
+    from tf_gradcam.cli import main
+
+    model = _vit()
+    model.save(tmp_path / "vit.keras")
+    rgb = (np.random.default_rng(11).random((32, 32, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "img.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    path = f"{model.backbone.name}/vit_encoder/encoder_layers/0"
+    out = tmp_path / "out"
+    args = [str(tmp_path / "vit.keras"), str(tmp_path / "img.png"), "--layer", path]
+    assert main(["explain", *args, "--class", "1", "--out", str(out)]) == 0
+    expected = tf_gradcam.GradCAM(model, path)(rgb[None] / np.float32(255), target=1)
+    assert expected.maps.shape == (1, 4, 4) and expected.maps.max() > 0
+    _assert_close(np.load(out / "img_gradcam.npy"), expected.maps[0])

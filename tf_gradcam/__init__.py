@@ -72,6 +72,7 @@ _SOURCES: dict[str, str] = {
     "Smoothed": "smoothing",
     "AnswerScore": "targets",
     "CaptionLogProb": "targets",
+    "SegmentationTarget": "targets",
     "TopK": "targets",
     "WordLogProb": "targets",
 }
@@ -105,6 +106,7 @@ __all__ = [
     "NotSpatialError",
     "PixelExplanation",
     "ScoreCAM",
+    "SegmentationTarget",
     "Smoothed",
     "TargetError",
     "TopK",
@@ -166,7 +168,13 @@ if TYPE_CHECKING:
     from tf_gradcam.relu_rules import DeconvReLU, GuidedReLU, deconv_relu, guided_relu
     from tf_gradcam.smoothing import Smoothed
     from tf_gradcam.submodel import layer_paths
-    from tf_gradcam.targets import AnswerScore, CaptionLogProb, TopK, WordLogProb
+    from tf_gradcam.targets import (
+        AnswerScore,
+        CaptionLogProb,
+        SegmentationTarget,
+        TopK,
+        WordLogProb,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -191,7 +191,11 @@ class _LayerCall(keras.layers.Layer):
     ) -> None:
         # Bare operations (`x + 3.0`) have no dtype policy: they compute in their inputs' dtype.
         dtype = getattr(layer, "dtype_policy", None)
-        super().__init__(name=f"{layer.name}_call", dtype=dtype, autocast=False)
+        # Unique: a layer called twice (a shared resize) or a softmax head whose
+        # output also feeds other layers (its logits twin) gets two wrappers.
+        uid = keras.backend.get_uid(f"{layer.name}_call")
+        name = f"{layer.name}_call" if uid == 1 else f"{layer.name}_call_{uid}"
+        super().__init__(name=name, dtype=dtype, autocast=False)
         self.wrapped = layer
         self._replace = replace
         self.built = True

@@ -9,8 +9,9 @@ computed (the engine in `tf_gradcam.gradcam`). Accepted forms:
 - a sequence or array of ints, one class per image.
 - `TopK(k)`: the k highest-scoring classes of each image (k maps per image).
 - a callable ``fn(outputs) -> (batch,)`` tensor: any differentiable score,
-  e.g. a caption word's log-probability or a VQA answer's score. ``outputs``
-  has the structure of the model's outputs (tensor, list or dict), with a
+  e.g. a caption word's log-probability, a VQA answer's score or a
+  segmenter's class scores summed over a region (`SegmentationTarget`).
+  ``outputs`` has the structure of the model's outputs (tensor, list or dict), with a
   trailing softmax/sigmoid removed when the engine runs with ``logits=True``.
 
 Class targets index the pre-softmax scores of the model's first output
@@ -32,6 +33,7 @@ from tf_gradcam.errors import TargetError
 __all__ = [
     "AnswerScore",
     "CaptionLogProb",
+    "SegmentationTarget",
     "Target",
     "TopK",
     "WordLogProb",
@@ -512,3 +514,209 @@ class AnswerScore:
         _check_range(np.asarray(self.answer), scores.shape[1], "answer", what, "answers")
         answers = _per_image(self._answer, tf.shape(scores)[0], "answer", what)
         return tf.gather(scores, answers, axis=1, batch_dims=1)
+
+
+# ---------------------------------------------------------------------------
+# Segmentation: a class's scores summed over a region (Seg-Grad-CAM)
+# ---------------------------------------------------------------------------
+
+
+def _segmentation_mask(mask: Any, what: str) -> np.ndarray:
+    """Check a region mask, `(height, width)` or `(batch, height, width)`; return float32."""
+    if isinstance(mask, tf.Tensor):
+        mask = mask.numpy()
+    array = np.asarray(mask)
+    if array.dtype.kind not in "biuf":
+        raise TargetError(
+            f"{what}: `mask` must be a numeric or bool array (1 inside the region, 0 "
+            f"outside). Received an array of dtype {array.dtype}."
+        )
+    channel = array.ndim in (3, 4) and array.shape[-1] == 1  # (..., height, width, 1)
+    if array.ndim not in (2, 3) or array.size == 0 or channel:
+        hint = (
+            " For a (height, width, 1) or (batch, height, width, 1) mask, drop the last "
+            "axis: mask[..., 0]."
+            if channel
+            else ""
+        )
+        raise TargetError(
+            f"{what}: `mask` must be (height, width), one region for every image, or "
+            f"(batch, height, width), one per image. Received shape {array.shape}.{hint}"
+        )
+    array = array.astype(np.float32)
+    if array.ndim == 3 and array.shape[0] == 1:  # (1, height, width): one region for all
+        array = array[0]
+    if not np.all(np.isfinite(array)):
+        raise TargetError(f"{what}: `mask` holds non-finite values (NaN or inf).")
+    flat = array.reshape((-1, array.shape[-2] * array.shape[-1]))
+    empty = np.flatnonzero(~np.any(flat != 0, axis=1))
+    if empty.size:
+        where = "" if array.ndim == 2 else f" for image {int(empty[0])}"
+        raise TargetError(
+            f"{what}: `mask` selects no pixel{where}: the score would be 0 and the map "
+            "empty. Give a region with at least one nonzero pixel, or mask=None for the "
+            "pixels the model assigns to the class."
+        )
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationTarget:
+    """A segmenter's score for one class over a region: Σ_pixels region · logits[..., c].
+
+    Grad-CAM explains any differentiable score y^c (§3 of the paper). For a
+    segmentation model, whose output holds per-pixel class scores
+    `(batch, height, width, classes)`, this target is the sum of class `c`'s
+    pre-softmax scores over a region of the output (the Seg-Grad-CAM score,
+    Vinogradova et al. 2020):
+
+        y^c = Σ_{i,j} M_ij · S^c_ij
+
+    where `S^c` is the class's score map and `M` the region: the given
+    `mask`, or, with `mask=None`, the pixels the model assigns to the class
+    (`argmax` over the classes equals `c`). The argmax region is computed
+    from the same forward pass and held fixed (`tf.stop_gradient`): the
+    explanation is that of the class's scores on the pixels it wins, not of
+    how the region would move. A one-channel output (a sigmoid head, binary
+    segmentation) has the region `S^0 > 0` (probability above 0.5).
+
+    The engine hands the outputs over with a trailing softmax/sigmoid removed
+    (`logits=True`, the default of every method), so the scores are logits.
+    Being a callable target, it works with every method (`GradCAM`, the CAM
+    family through `tf_gradcam.explain(..., method=...)`, `GuidedGradCAM`,
+    `Smoothed`), with `GradCAMCallback(target=...)` and with
+    `explain_dataset(target=...)`; `Explanation.classes` is then `None`.
+    Compiled steps are cached per target object: build it once and reuse it.
+
+    Args:
+        class_index: the class, an int for every image or one int per image
+            `(batch,)`.
+        mask: the region, at the output's resolution: `(height, width)` for
+            every image or `(batch, height, width)` one per image; 0/1 or
+            bool (other numbers weigh the pixels). `None`: the pixels the
+            model assigns to the class, per image.
+        output: for models with several outputs, the position (or, for dict
+            outputs, the key) of the `(batch, height, width, classes)` output;
+            default the first.
+
+    Raises:
+        TargetError: a negative or non-integer class, a mask that is not
+            numeric, of another rank, non-finite or empty (at construction);
+            an output that is not `(batch, height, width, classes)`, a class
+            out of range or a mask of another size than the output (when
+            called).
+        tf.errors.InvalidArgumentError: per-image classes or masks whose count
+            is not the batch size (when called; Score-CAM and Ablation-CAM
+            score copies of the images in other batches, so use one class and
+            one `(height, width)` mask with them).
+
+    Example:
+        >>> target = SegmentationTarget(1, mask=region)   # class 1 inside `region`
+        >>> tf_gradcam.GradCAM(segmenter)(images, target=target).heatmaps
+        >>> tf_gradcam.explain(segmenter, images, SegmentationTarget(1), method="gradcam++")
+    """
+
+    class_index: Any
+    mask: Any = None
+    output: int | str | None = None
+
+    def __post_init__(self) -> None:
+        what = type(self).__name__
+        classes = _index_tensor(self.class_index, "class_index", what, ndim=(0, 1))
+        object.__setattr__(self, "_classes", classes)
+        mask = None if self.mask is None else _segmentation_mask(self.mask, what)
+        object.__setattr__(self, "_mask", None if mask is None else tf.constant(mask))
+
+    def __repr__(self) -> str:
+        classes = np.asarray(self.class_index)
+        shown = int(classes) if classes.ndim == 0 else f"<{classes.size} per image>"
+        if self._mask is None:
+            region = "None (the pixels assigned to the class)"
+        else:
+            region = f"<{tuple(self._mask.shape)} mask>"
+        extra = "" if self.output is None else f", output={self.output!r}"
+        return f"{type(self).__name__}(class_index={shown}, mask={region}{extra})"
+
+    def region(self, outputs: Any) -> Any:
+        """The region `(batch, height, width)` float32 the score sums over, for these outputs.
+
+        Example:
+            >>> target = SegmentationTarget(2)
+            >>> pixels = target.region(segmenter(images))  # where class 2 wins
+        """
+        logits, _, region = self._parts(outputs)
+        return tf.broadcast_to(region, tf.shape(logits)[:3])
+
+    def __call__(self, outputs: Any) -> Any:
+        """Return the `(batch,)` sums of the class's scores over the region."""
+        logits, classes, region = self._parts(outputs)
+        selected = tf.gather(logits, classes, axis=3, batch_dims=1)  # (batch, height, width)
+        return tf.reduce_sum(selected * region, axis=[1, 2])
+
+    def _parts(self, outputs: Any) -> tuple[Any, Any, Any]:
+        """`(logits, classes, region)`: `(batch, h, w, classes)`, `(batch,)`, `(batch, h, w)`.
+
+        The logits pass through the graph-time checks (per-image counts, a
+        mask's size against an output of unknown size) first, so that every
+        later op, the gradients' included, waits for them: their message is
+        the error, not another op's shape mismatch.
+        """
+        what = type(self).__name__
+        scores = tf.convert_to_tensor(_select_output(outputs, self.output, what))
+        if scores.shape.rank != 4:
+            raise TargetError(
+                f"{what} needs per-pixel class scores of shape (batch, height, width, "
+                f"classes), a segmentation model's output. Received an output of shape "
+                f"{tuple(scores.shape)}. For a classifier pass the class index as the "
+                "target; for a model with several outputs choose the per-pixel one with "
+                "`output=`; transpose a channels-first output in the model."
+            )
+        _check_range(np.asarray(self.class_index), scores.shape[-1], "class_index", what, "classes")
+        classes = _per_image(self._classes, tf.shape(scores)[0], "class_index", what)
+        checks = [classes, *self._mask_checks(scores)]
+        with tf.control_dependencies(checks):
+            logits = tf.cast(tf.identity(scores), tf.float32)
+        if self._mask is not None:
+            return logits, classes, tf.stop_gradient(self._mask)
+        if logits.shape[-1] == 1:  # one sigmoid channel: the pixels above 0.5
+            region = tf.greater(logits[..., 0], 0.0)
+        else:
+            winners = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            region = tf.equal(winners, classes[:, None, None])
+        # fixed for this forward pass: argmax has no gradient, the stop makes it explicit
+        return logits, classes, tf.stop_gradient(tf.cast(region, tf.float32))
+
+    def _mask_checks(self, scores: Any) -> list:
+        """Refuse a mask of another size than the output (now, or in the graph if unknown)."""
+        mask = self._mask
+        if mask is None:
+            return []
+        what = type(self).__name__
+        expected = tuple(scores.shape[1:3])
+        if None not in expected and tuple(mask.shape[-2:]) != expected:
+            raise TargetError(
+                f"{what}: `mask` is {mask.shape[-2]}x{mask.shape[-1]} (height x width) but "
+                f"the model's per-pixel scores are {expected[0]}x{expected[1]} (output "
+                f"shape {tuple(scores.shape)}). Give a mask of that size, e.g. "
+                f"tf.image.resize(mask[..., None], {expected}, 'nearest')[..., 0]."
+            )
+        checks = []
+        if None in expected:
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(scores)[1:3],
+                    tf.shape(mask)[-2:],
+                    message=f"{what}: `mask` and the model's per-pixel scores differ in size",
+                )
+            )
+        if mask.shape.rank == 3:
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(scores)[0],
+                    tf.shape(mask)[0],
+                    message=f"{what}: `mask` gives one region per image but the batch size "
+                    "differs (Score-CAM and Ablation-CAM score copies of the images: give "
+                    "them one (height, width) mask)",
+                )
+            )
+        return checks

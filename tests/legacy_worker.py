@@ -75,6 +75,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp())
     for sequential in (False, True):
         kind = "sequential" if sequential else "functional"
+        tf.keras.utils.set_random_seed(1)  # fixed weights: Grad-CAM maps with heat
         legacy, twin = build(tf.keras, sequential), build(keras, sequential)
         for mine, theirs in zip(legacy.layers, twin.layers, strict=True):
             theirs.set_weights(mine.get_weights())

@@ -39,7 +39,7 @@ def attached_preprocessor(model: Any) -> Any:
 def original_frame(converter: Any, height: int, width: int) -> tuple[int, int, int, int, bool]:
     """Where the model's input lies in the caller's image: `(top, left, h, w, padded)`.
 
-    Keras' `Resizing` geometry (`keras.src.backend.*.image.resize`): with
+    Keras' `Resizing` geometry (its backends' `image.resize`): with
     `crop_to_aspect_ratio`, the centred crop `(top, left, h, w)` of the image
     that was resized to the model's size; with `pad_to_aspect_ratio`, the
     padded frame `(h, w)` and the image's offset `(top, left)` in it

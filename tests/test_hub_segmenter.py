@@ -66,3 +66,40 @@ def test_deeplabv3_region_score_equals_the_tape_at_the_default_layer():
     np.testing.assert_allclose(result.raw_maps, raw, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(result.scores, score.numpy(), rtol=1e-5)
     assert np.abs(raw).max() > 1e-3
+
+
+def test_segformer_default_is_the_decoder_map_not_the_resized_class_scores():
+    """SegFormer's head: class-score conv at 1/4 resolution, then Resizing to the image.
+    That conv holds the scores: the default is the decoder's fused map feeding it."""
+    keras.utils.set_random_seed(0)
+    encoder = keras_hub.models.MiTBackbone(
+        layerwise_depths=[1, 1],
+        num_layers=2,
+        layerwise_num_heads=[1, 2],
+        layerwise_sr_ratios=[2, 1],
+        max_drop_path_rate=0.0,
+        layerwise_patch_sizes=[7, 3],
+        layerwise_strides=[4, 2],
+        image_shape=(32, 32, 3),
+        hidden_dims=[8, 16],
+    )
+    backbone = keras_hub.models.SegFormerBackbone(image_encoder=encoder, projection_filters=8)
+    model = keras_hub.models.SegFormerImageSegmenter(
+        backbone=backbone, num_classes=3, preprocessor=None
+    )
+    x = np.random.default_rng(1).random((2, 32, 32, 3), dtype=np.float32)
+    mask = np.zeros((32, 32), np.float32)
+    mask[4:20, 6:30] = 1.0
+
+    def class_two_in_mask(outputs):
+        return tf.reduce_sum(outputs[..., 2] * mask, axis=[1, 2])
+
+    result = tf_gradcam.GradCAM(model)(x, target=class_two_in_mask)
+    # the decoder's fused 8x8 map (its last activation is the backbone's output)
+    assert result.layer.startswith(f"{backbone.name}/") and result.maps.shape == (2, 8, 8)
+    with tf.GradientTape() as tape:
+        features = backbone(x, training=False)
+        tape.watch(features)
+        score = class_two_in_mask(model.resizing(model.output_segmentation_head(features)))
+    alpha = tape.gradient(score, features).numpy().mean(axis=(1, 2))
+    np.testing.assert_allclose(result.weights, alpha, atol=1e-6, rtol=1e-4)

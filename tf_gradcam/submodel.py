@@ -84,6 +84,14 @@ _LOCAL_POOLING = (
 #: output channel per class, globally pooled into the scores (Network in Network,
 #: SqueezeNet's `conv10`, mini-Xception). The default layer steps back from such a
 #: convolution to the feature map it reads (see `_default_path`).
+#: Layers that only resize a map: a segmenter's class scores brought to the image's size.
+_RESIZES = (
+    keras.layers.Resizing,
+    keras.layers.UpSampling1D,
+    keras.layers.UpSampling2D,
+    keras.layers.UpSampling3D,
+)
+
 _CLASS_CONVOLUTIONS = (
     keras.layers.Conv1D,
     keras.layers.Conv2D,
@@ -581,7 +589,9 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
        features are dropped unless nothing else is left: MobileNet's 1x1
        `conv_preds` classifier after the pooling, squeeze-and-excitation branches.
        So is a model output at an input's resolution (a segmenter's per-pixel
-       scores are the scores, not a feature map).
+       scores are the scores, not a feature map), and a convolution whose
+       output only gets resized into such an output (SegFormer's class scores
+       at 1/4 resolution): the default steps back to the layer feeding it.
     2. Trailing max/average pooling is stepped over (VGG16: `block5_conv3`, the
        paper's conv5_3, not `block5_pool`).
     3. A *class-score convolution* is stepped over. When the last candidate is
@@ -628,9 +638,39 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
         p for p in candidates if id(rewiring.outputs[p][0]) not in rewiring.dense_predictions
     ]
     candidates = features or candidates
+    if _resized_class_scores(rewiring, candidates):
+        candidates = candidates[:-1]
+        while len(candidates) > 1 and isinstance(
+            rewiring.layers[candidates[-1]], keras.layers.Dropout
+        ):
+            candidates.pop()
     while len(candidates) > 1 and isinstance(rewiring.layers[candidates[-1]], _LOCAL_POOLING):
         candidates.pop()
     return _class_conv_feeder(rewiring, candidates) or candidates[-1]
+
+
+def _resized_class_scores(rewiring: _Rewiring, candidates: list[str]) -> bool:
+    """Whether `candidates[-1]` is a segmenter's class-score convolution at low resolution.
+
+    A convolution whose output reaches a per-pixel model output through
+    resizing and activations only (SegFormer's head: class scores at 1/4 of
+    the image, then `Resizing`) holds the scores, not features.
+    """
+    if len(candidates) < 2 or not isinstance(rewiring.layers[candidates[-1]], _CLASS_CONVOLUTIONS):
+        return False
+    leaves = [p for p in rewiring.order if not is_expandable(rewiring.layers[p])]
+    after = leaves[leaves.index(candidates[-1]) + 1 :]
+    return (
+        bool(after)
+        and any(isinstance(rewiring.layers[p], _RESIZES) for p in after)
+        and all(
+            isinstance(
+                rewiring.layers[p], (*_RESIZES, keras.layers.Activation, keras.layers.Softmax)
+            )
+            for p in after
+        )
+        and id(rewiring.outputs[after[-1]][0]) in rewiring.dense_predictions
+    )
 
 
 def _class_conv_feeder(rewiring: _Rewiring, candidates: list[str]) -> str | None:

@@ -267,3 +267,27 @@ def test_the_cli_explains_a_token_layer_of_a_saved_keras_hub_vit(tmp_path):
     expected = tf_gradcam.GradCAM(model, path)(rgb[None] / np.float32(255), target=1)
     assert expected.maps.shape == (1, 4, 4) and expected.maps.max() > 0
     _assert_close(np.load(out / "img_gradcam.npy"), expected.maps[0])
+
+
+def test_default_layers_of_transformers():
+    """Class-token heads: the last block's input; a head averaging all tokens: the last tokens."""
+    model = _vit()  # two blocks: the input of the last one is block 0's output
+    x = np.random.default_rng(12).random((2, 32, 32, 3), dtype=np.float32)
+    default = tf_gradcam.GradCAM(model)(x, target=2)
+    assert default.layer == f"{model.backbone.name}/vit_encoder/encoder_layers/0"
+    alpha, raw, _ = _vit_reference(model, x, 0, 2)
+    _assert_close(default.weights, alpha)
+    _assert_close(default.raw_maps, raw)
+    keras.utils.set_random_seed(13)
+    backbone = keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    single = keras_hub.models.ViTImageClassifier(
+        backbone=backbone, num_classes=3, preprocessor=None
+    )
+    assert tf_gradcam.GradCAM(single).layer.endswith("vit_patching_and_embedding")
+    swin = keras_hub.models.SwinTransformerBackbone(
+        image_shape=(32, 32, 3), embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4
+    )
+    classifier = keras_hub.models.SwinTransformerImageClassifier(backbone=swin, num_classes=3)
+    assert tf_gradcam.GradCAM(classifier).layer == f"{swin.name}/norm"

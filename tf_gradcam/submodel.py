@@ -27,7 +27,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tf_gradcam.capture import build_subclassed_gradient_model, resolve_layer
+from tf_gradcam.capture import build_subclassed_gradient_model, layer_candidates, resolve_layer
 from tf_gradcam.errors import (
     InputError,
     LayerNotFoundError,
@@ -273,6 +273,8 @@ class _Rewiring:
     input_positions: dict[int, int] = field(default_factory=dict)
     #: input position → rank of that input (3: signals, 4: images, 5: volumes).
     input_ranks: dict[int, int] = field(default_factory=dict)
+    #: input position → (height, width) of a 4-D image input.
+    input_shapes: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     #: ids of model outputs at an input's resolution (a segmenter's per-pixel scores).
     dense_predictions: set[int] = field(default_factory=set)
 
@@ -542,6 +544,11 @@ def _rewire(
         rewiring.sources[id(leaf)] = frozenset({position})
         rewiring.input_positions[id(leaf)] = position
         rewiring.input_ranks[position] = len(leaf.shape)
+        if len(leaf.shape) == 4:
+            channels_first = keras.config.image_data_format() == "channels_first"
+            rewiring.input_shapes[position] = (
+                tuple(leaf.shape[2:4]) if channels_first else tuple(leaf.shape[1:3])
+            )
     outputs = rewiring.run(model, inputs, prefix="")
     sizes = {tuple(leaf.shape[1:-1]) for leaf in keras.tree.flatten(inputs)}
     rewiring.dense_predictions = {
@@ -623,6 +630,9 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
         and not is_expandable(rewiring.layers[p])
     ]
     if not candidates:
+        transformer = _default_token_path(model, rewiring)
+        if transformer is not None:
+            return transformer
         raise NotSpatialError(
             f"Model {model.name!r} has no layer with a 4-D (batch, height, width, "
             "channels) output (nor a 3-D / 5-D one computed from a signal / volume input), "
@@ -647,6 +657,63 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
     while len(candidates) > 1 and isinstance(rewiring.layers[candidates[-1]], _LOCAL_POOLING):
         candidates.pop()
     return _class_conv_feeder(rewiring, candidates) or candidates[-1]
+
+
+def _default_token_path(model: keras.Model, rewiring: _Rewiring) -> str | None:
+    """`layer=None` for a transformer on images (no convolutional feature map), else `None`.
+
+    The token layers are the graph's `(batch, tokens, channels)` outputs computed
+    from an image whose tokens lie on a patch grid (`tf_gradcam.tokens`). When the
+    last of them has no prefix token (Swin: the head averages all tokens), it is
+    the default, as the last feature map is for a CNN. When it has a class token,
+    the head reads that token only and the last block's output gives zero
+    gradients on the patches: the default is the *input of the last block*, the
+    output of the block before it (with one block, or blocks that are graph
+    nodes, the token layer before the last). `benchmarks/vit_layers.py`
+    compares the layers (docs/transformers.md).
+    The blocks are the shallowest list of two or more layers of one class among
+    the model's attributes (keras-hub's `ViTEncoder.encoder_layers`, DINOv2's
+    `encoder.layers`), captured during the model's call.
+    """
+    image = {position for position, rank in rewiring.input_ranks.items() if rank == 4}
+    tokens = [
+        p
+        for p in rewiring.order
+        if _rank(rewiring.outputs[p][0]) == 3
+        and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
+        and not is_expandable(rewiring.layers[p])
+        and id(rewiring.outputs[p][0]) not in rewiring.pooled
+        and rewiring.sources.get(id(rewiring.outputs[p][0]), frozenset()) & image
+    ]
+    layouts = {}
+    for p in tokens:
+        tensor = rewiring.outputs[p][0]
+        source = min(rewiring.sources[id(tensor)] & image)
+        size = rewiring.input_shapes[source]
+        try:
+            layouts[p] = token_layout(tensor.shape[1], size, layers=rewiring.layers.values())
+        except NotSpatialError:
+            continue
+    tokens = [p for p in tokens if p in layouts]
+    if not tokens:
+        return None
+    if layouts[tokens[-1]].prefix == 0:
+        return tokens[-1]
+    lists: dict[str, list[Any]] = {}
+    for path, layer in layer_candidates(model):
+        parent, _, index = path.rpartition("/")
+        if index.isdigit():
+            lists.setdefault(parent, []).append(layer)
+    blocks = [
+        (parent.count("/"), -len(items), parent)
+        for parent, items in lists.items()
+        if len(items) >= 2 and len({type(item) for item in items}) == 1
+    ]
+    if blocks:
+        _, count, parent = min(blocks)
+        return f"{parent}/{-count - 2}"
+    # blocks as graph nodes (or a single block): the token layer before the last
+    return tokens[-2] if len(tokens) >= 2 else tokens[0]
 
 
 def _resized_class_scores(rewiring: _Rewiring, candidates: list[str]) -> bool:
@@ -843,9 +910,11 @@ def build_gradient_model(
         except LayerNotFoundError:
             if not _inside_a_layer(model, layer):
                 raise
+            path = layer
+        if path not in rewiring.outputs:  # inside a layer: captured during the call
             return build_subclassed_gradient_model(
                 model,
-                layer,
+                path,
                 logits=logits,
                 expose_layer=True,
                 call_override=call_override,

@@ -47,6 +47,26 @@ Guided Grad-CAM gradients; Guided Grad-CAM (the ReLU functions replaced for the
 call, `relu_rules.relu_functions_replaced`) is timed against the subclassed
 model's forward + backward pass to the input. The peers are not run on it.
 
+`--models vit-b16` times a Vision Transformer: keras-hub's `ViTImageClassifier`
+built from its constructors with ViT-B/16 sizes (224x224, patch 16, 12 blocks,
+12 heads, width 768, MLP 3072, 1,000 classes, no preprocessor; random weights,
+no preset is downloaded). Grad-CAM explains the last block's first LayerNorm
+(`<backbone>/vit_encoder/encoder_layers/11/layer_norm_1`, captured during the
+call) and, as a second row, the last block's output (`.../encoder_layers/11`,
+all-zero maps: no patch token reaches the class token after it). First a check
+row: on batch 2, the weights and raw maps of both against a `tf.GradientTape`
+over the classifier unrolled by hand (embedding, blocks in a loop, final
+LayerNorm, class token, dense head; dropouts are identity at inference). Then
+forward, Grad-CAM at both layers, top-5 maps, and two hand-written floors: the
+same tape compiled, and a "class-token tail" that computes the rest of the
+last block for the class token only (same maps, a backward pass that skips the
+196 patch rows whose gradient is zero). Notes give the CPU-time ratio
+(`time.process_time`, steadier than wall time under load) and the median of
+per-repeat ratios. Batches of 16 or more use at most 3 repeats and one warm-up
+call (a forward pass at batch 32 takes 10-25 s on 2 cores); the whole run takes
+about 10-14 minutes on 2 shared cores. A graph check counts the operations of
+each compiled function. The peers are not run on it.
+
 The other CAM methods (Grad-CAM++, XGrad-CAM, HiResCAM, LayerCAM, Eigen-CAM,
 Score-CAM, Ablation-CAM, tf-keras-vis `Scorecam`) are timed against their
 floors by `benchmarks/methods_speed.py`, which reuses this script's helpers.
@@ -56,6 +76,7 @@ Run:
     python benchmarks/speed.py --quick               # MobileNetV2, batches 1 and 8
     python benchmarks/speed.py --models resnet50 --batches 1,32 --repeats 5
     python benchmarks/speed.py --models mobilenetv2-subclassed --batches 1,32 --no-peers
+    python benchmarks/speed.py --models vit-b16 --batches 1,32 --repeats 15 --no-peers
     python benchmarks/speed.py --peers-path /tmp/peers/lib/python3.11/site-packages
 
 `--peers-path` appends a site-packages folder holding the peers (installed in a
@@ -100,6 +121,10 @@ except ImportError:  # run from a source checkout without installing
 from tf_gradcam import GradCAM, TopK
 
 MODELS = {"resnet50": "ResNet50", "mobilenetv2": "MobileNetV2"}
+#: Vision Transformers from keras-hub's constructors (random weights): name → ViTBackbone sizes.
+VITS = {
+    "vit-b16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
+}
 #: Subclassed twins (`MobileNetV2Subclassed`): name → (functional original, explained layer).
 SUBCLASSED = {"mobilenetv2-subclassed": ("MobileNetV2", "out_relu")}
 SIZE = 224
@@ -504,6 +529,262 @@ def bench_subclassed(key: str, batches: list[int], args: argparse.Namespace) -> 
     return rows
 
 
+# ------------------------------------------------------ Vision Transformer
+
+
+def vit_classifier(key: str) -> keras.Model:
+    """keras-hub's `ViTImageClassifier` from its constructors, random weights, 1,000 classes."""
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.ViTBackbone(image_shape=(SIZE, SIZE, 3), **VITS[key])
+    return keras_hub.models.ViTImageClassifier(
+        backbone=backbone, num_classes=1000, preprocessor=None
+    )
+
+
+def _vit_unrolled(
+    model: keras.Model,
+    images: tf.Tensor,
+    classes: tf.Tensor | None,
+    persistent: bool = False,
+    class_token_tail: bool = False,
+) -> tuple[tf.GradientTape, dict[str, tf.Tensor], tf.Tensor]:
+    """The classifier unrolled by hand under a tape: `(tape, tensors, scores)`.
+
+    The embedding layer, the encoder blocks in a loop, the last block's call
+    written out (its first LayerNorm's output watched), the encoder's final
+    LayerNorm, the class token and the output dense layer; the dropouts are left
+    out (identity at inference). `tensors` holds the last block's `layer_norm_1`
+    and `output`; the scores are those of `classes` (the predicted classes when
+    `None`).
+
+    With `class_token_tail`, the rest of the last block after `layer_norm_1` is
+    computed for the class token only (its attention queried by the class token,
+    keys and values from every token; the MLP on one token): the head reads
+    nothing else and every op after the attention works token by token, so the
+    scores and their gradients are the same, while the backward pass no longer
+    runs the MLP and the query side on 197 tokens of which 196 have a zero
+    gradient. `output` is then the class token's output only.
+    """
+    backbone = model.backbone
+    embedding = backbone.get_layer("vit_patching_and_embedding")
+    encoder = backbone.get_layer("vit_encoder")
+    *blocks, last = encoder.encoder_layers
+    with tf.GradientTape(persistent=persistent) as tape:
+        x = embedding(images)
+        for block in blocks:
+            x = block(x, training=False)
+        normed = last.layer_norm_1(x)
+        tape.watch(normed)
+        query = normed[:, :1] if class_token_tail else normed
+        x = x[:, : query.shape[1]] + last.mha(query, normed, training=False)
+        output = x + last.mlp(last.layer_norm_2(x))
+        tape.watch(output)
+        logits = model.output_dense(encoder.layer_norm(output)[:, 0])
+        if classes is None:
+            classes = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        scores = tf.gather(logits, classes, axis=1, batch_dims=1)
+    return tape, {"layer_norm_1": normed, "output": output}, scores
+
+
+def _token_cam(tokens: tf.Tensor, gradients: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Eq. 1 and 2 on the patch tokens (class token dropped): `(weights, raw maps)`."""
+    patches = tokens[:, 1:]
+    side = round(math.sqrt(int(patches.shape[1])))
+    alpha = tf.reduce_mean(gradients[:, 1:], axis=1)
+    raw = tf.einsum("bnc,bc->bn", patches, alpha)
+    return alpha, tf.reshape(raw, (-1, side, side))
+
+
+def vit_reference(
+    model: keras.Model, images: np.ndarray, classes: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Grad-CAM by hand, eagerly: {"layer_norm_1" | "output": (weights, raw maps)}."""
+    tape, tensors, scores = _vit_unrolled(
+        model, tf.constant(images), tf.constant(classes, tf.int32), persistent=True
+    )
+    found = {}
+    for name, tensor in tensors.items():
+        alpha, raw = _token_cam(tensor, tape.gradient(scores, tensor))
+        found[name] = (alpha.numpy(), raw.numpy())
+    return found
+
+
+def vit_hand_cam(model: keras.Model, class_token_tail: bool = False) -> Callable:
+    """The same Grad-CAM at `layer_norm_1`, compiled: the floor of its backward pass.
+
+    A `tf.function` over `_vit_unrolled` (predicted class), returning the raw
+    maps as NumPy; no upsampling, ReLU or normalisation.
+    """
+    spec = tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def step(x):
+        tape, tensors, scores = _vit_unrolled(model, x, None, class_token_tail=class_token_tail)
+        tokens = tensors["layer_norm_1"]
+        return _token_cam(tokens, tape.gradient(scores, tokens))[1]
+
+    return lambda x: step(x).numpy()
+
+
+def time_paired(
+    operations: dict[str, Callable[[], object]],
+    repeats: int,
+    min_seconds: float,
+    warmups: int = 2,
+) -> dict[str, tuple[float, float, float]]:
+    """`time_interleaved`'s schedule, with CPU time and per-repeat ratios too.
+
+    `warmups` calls of each operation come first, the last one timed to set the
+    calls per sample (1 saves a call where every operation takes seconds).
+
+    Returns {name: (median wall seconds, median CPU seconds, median over the
+    repeats of the wall-time ratio to the *first* operation in the same repeat)}.
+    CPU time is `time.process_time` (this process, all threads): other people's
+    work on the machine lengthens the wall time of a call, much less its CPU time.
+    """
+    inner = {}
+    for name, operation in operations.items():
+        for _ in range(warmups - 1):
+            operation()
+        start = time.perf_counter()
+        operation()
+        inner[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
+    wall: dict[str, list[float]] = {name: [] for name in operations}
+    cpu: dict[str, list[float]] = {name: [] for name in operations}
+    order = random.Random(0)
+    for _ in range(repeats):
+        names = list(operations)
+        order.shuffle(names)
+        for name in names:
+            operation = operations[name]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for _ in range(inner[name]):
+                operation()
+            wall[name].append((time.perf_counter() - start) / inner[name])
+            cpu[name].append((time.process_time() - start_cpu) / inner[name])
+    base = wall[next(iter(operations))]
+    return {
+        name: (
+            statistics.median(wall[name]),
+            statistics.median(cpu[name]),
+            statistics.median(w / b for w, b in zip(wall[name], base, strict=True)),
+        )
+        for name in operations
+    }
+
+
+def bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[Row]:
+    """`_bench_vit`, random images' all-zero-map warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _bench_vit(key, batches, args)
+
+
+def _bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[Row]:
+    """Rows for a keras-hub ViT classifier at every batch size.
+
+    First a check on batch 2: Grad-CAM's weights and raw maps at the last block's
+    first LayerNorm and at its output against `vit_reference`, and the raw maps
+    of the two compiled hand-written versions against Grad-CAM's. Then, timed as
+    `time_paired`: forward, Grad-CAM at `layer_norm_1`, Grad-CAM at the block's
+    output, top-5 maps at `layer_norm_1`, and the two hand-written floors
+    (`vit_hand_cam`: the same tape compiled, and with the class-token tail); each
+    note gives the CPU-time ratio and the median of the per-repeat ratios.
+    Batches of 16 images or more use at most 3 repeats and one warm-up call (a
+    ViT-B/16 forward pass at batch 32 takes 10-25 s on 2 shared cores). Last, a
+    graph check: the operations each compiled function runs per call.
+    """
+    model = vit_classifier(key)
+    last = f"{model.backbone.name}/vit_encoder/encoder_layers/{VITS[key]['num_layers'] - 1}"
+    norm = f"{last}/layer_norm_1"
+    forward = compiled_forward(model)
+    cam = GradCAM(model, layer=norm)
+    cam_output = GradCAM(model, layer=last)
+    hand = vit_hand_cam(model)
+    tail = vit_hand_cam(model, class_token_tail=True)
+
+    images = np.random.default_rng(5).random((2, SIZE, SIZE, 3), dtype=np.float32)
+    mine = {"layer_norm_1": cam(images), "output": cam_output(images)}
+    same = bool(np.array_equal(mine["output"].classes, mine["layer_norm_1"].classes))
+    reference = vit_reference(model, images, mine["layer_norm_1"].classes)
+    parts = []
+    for name, result in mine.items():
+        alpha, raw = reference[name]
+        weights_diff = float(np.max(np.abs(result.weights - alpha)))
+        raw_diff = float(np.max(np.abs(result.raw_maps - raw)))
+        parts.append(
+            f"{name}: weights {weights_diff:.1e} (values up to {np.max(np.abs(alpha)):.2g}), "
+            f"raw maps {raw_diff:.1e} (values up to {np.max(np.abs(raw)):.2g})"
+        )
+    raw_maps = mine["layer_norm_1"].raw_maps
+    hand_diff = float(np.max(np.abs(hand(images) - raw_maps)))
+    tail_diff = float(np.max(np.abs(tail(images) - raw_maps)))
+    check = (
+        f"layout {mine['layer_norm_1'].layout.describe()}; max |diff| against the tape over "
+        f"the unrolled classifier: {'; '.join(parts)}; same classes: {same}; compiled "
+        f"by-hand raw maps at layer_norm_1 {hand_diff:.1e}, class-token tail {tail_diff:.1e}"
+    )
+    rows = [Row(key, "2", "check: Grad-CAM against the unrolled tape", None, None, check)]
+    _print_rows(rows, header=False)
+
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        images = rng.random((batch, SIZE, SIZE, 3), dtype=np.float32)
+        operations: dict[str, Callable[[], object]] = {
+            "forward (compiled)": lambda images=images: forward(images),
+            "Grad-CAM, layer_norm_1": lambda images=images: cam(images),
+            "Grad-CAM, block output": lambda images=images: cam_output(images),
+            "top-5 maps, layer_norm_1": lambda images=images: cam(images, target=TopK(5)),
+            "by hand: tape, layer_norm_1": lambda images=images: hand(images),
+            "by hand: class-token tail, layer_norm_1": lambda images=images: tail(images),
+        }
+        large = batch >= 16
+        repeats = min(args.repeats, 3) if large else args.repeats
+        times = time_paired(operations, repeats, args.min_seconds, warmups=1 if large else 2)
+        base_wall, base_cpu, _ = times["forward (compiled)"]
+        batch_rows = []
+        for name, (seconds, cpu, paired) in times.items():
+            note = f"CPU {cpu / base_cpu:.2f}, paired {paired:.2f}"
+            if name == "forward (compiled)":
+                note = f"{repeats} repeats"
+            elif name == "Grad-CAM, layer_norm_1":
+                note += f"; {seconds / times['by hand: tape, layer_norm_1'][0]:.2f} x by hand"
+            elif name == "Grad-CAM, block output":
+                note += "; all-zero maps (no patch token reaches the class token after it)"
+            elif name.startswith("top-5"):
+                note += f"; {seconds / times['Grad-CAM, layer_norm_1'][0]:.2f} x top-1"
+            batch_rows.append(Row(key, str(batch), name, seconds * 1000, seconds / base_wall, note))
+        _print_rows(batch_rows, header=False)
+        rows += batch_rows
+
+    images = np.random.default_rng(2).random((2, SIZE, SIZE, 3), dtype=np.float32)
+    counts = {  # new functions: run metadata lists the graphs instantiated during the call
+        "forward": executed_ops(lambda: compiled_forward(model)(images)),
+        "Grad-CAM step, layer_norm_1": executed_ops(lambda: GradCAM(model, layer=norm)(images)),
+        "Grad-CAM step, block output": executed_ops(lambda: GradCAM(model, layer=last)(images)),
+        "by hand: tape, layer_norm_1": executed_ops(lambda: vit_hand_cam(model)(images)),
+        "by hand: class-token tail": executed_ops(
+            lambda: vit_hand_cam(model, class_token_tail=True)(images)
+        ),
+    }
+    graph_rows = []
+    for name, c in counts.items():
+        if c is None:
+            graph_rows.append(Row(key, "2", f"graph check: {name}", None, None, "n/a"))
+            continue
+        note = (
+            f"MatMul {c['MatMul'] + c['_FusedMatMul']}, BatchMatMul "
+            f"{sum(v for k, v in c.items() if k.startswith('BatchMatMul'))}, Einsum "
+            f"{c['Einsum']}, Softmax {c['Softmax']}, Conv2D "
+            f"{c['Conv2D'] + c['_FusedConv2D']}, {sum(c.values())} ops"
+        )
+        graph_rows.append(Row(key, "2", f"graph check: {name}", None, None, note))
+    _print_rows(graph_rows, header=False)
+    return rows + graph_rows
+
+
 # ------------------------------------------------- loop, graph, callback
 
 
@@ -712,7 +993,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--models",
-        help="comma-separated: resnet50, mobilenetv2, mobilenetv2-subclassed "
+        help="comma-separated: resnet50, mobilenetv2, mobilenetv2-subclassed, vit-b16 "
         "(default resnet50,mobilenetv2)",
     )
     parser.add_argument("--batches", help="comma-separated batch sizes (default 1,8,32)")
@@ -749,7 +1030,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     for key in args.models.split(","):
         key = key.strip().lower()
-        bench = bench_subclassed if key in SUBCLASSED else bench_model
+        bench = bench_subclassed if key in SUBCLASSED else bench_vit if key in VITS else bench_model
         rows += bench(key, batches, args)
     extra = (
         bench_loop(args.calls)

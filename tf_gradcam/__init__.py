@@ -69,6 +69,7 @@ _SOURCES: dict[str, str] = {
     "explain_layers": "layerwise",
     "plot_layers": "layerwise",
     "layer_paths": "submodel",
+    "SimilarityTarget": "similarity",
     "Smoothed": "smoothing",
     "AnswerScore": "targets",
     "CaptionLogProb": "targets",
@@ -107,6 +108,7 @@ __all__ = [
     "PixelExplanation",
     "ScoreCAM",
     "SegmentationTarget",
+    "SimilarityTarget",
     "Smoothed",
     "TargetError",
     "TopK",
@@ -166,6 +168,7 @@ if TYPE_CHECKING:
     from tf_gradcam.methods import explain
     from tf_gradcam.perturbation import AblationCAM, ScoreCAM
     from tf_gradcam.relu_rules import DeconvReLU, GuidedReLU, deconv_relu, guided_relu
+    from tf_gradcam.similarity import SimilarityTarget
     from tf_gradcam.smoothing import Smoothed
     from tf_gradcam.submodel import layer_paths
     from tf_gradcam.targets import (

@@ -51,8 +51,14 @@ class TokenLayout:
         return self.prefix + self.grid[0] * self.grid[1]
 
     def to_grid(self, tokens: tf.Tensor, *, batch_axes: int = 1) -> tf.Tensor:
-        """`(*batch, tokens, channels)` → `(*batch, rows, columns, channels)`."""
-        patches = tokens[(slice(None),) * batch_axes + (slice(self.prefix, None),)]
+        """`(*batch, tokens, channels)` → `(*batch, rows, columns, channels)`.
+
+        The patches are the *last* `rows × columns` tokens: a layer whose declared
+        token count is off (keras-hub 0.32's SigLIP patch embedding counts a class
+        token it does not produce) still gives the right grid.
+        """
+        patch_count = self.grid[0] * self.grid[1]
+        patches = tokens[(slice(None),) * batch_axes + (slice(-patch_count, None),)]
         shape = tf.shape(patches)
         target = tf.concat(
             [shape[:batch_axes], tf.constant(self.grid, tf.int32), shape[batch_axes + 1 :]], 0

@@ -291,3 +291,22 @@ def test_default_layers_of_transformers():
     )
     classifier = keras_hub.models.SwinTransformerImageClassifier(backbone=swin, num_classes=3)
     assert tf_gradcam.GradCAM(classifier).layer == f"{swin.name}/norm"
+
+
+def test_the_callback_logs_a_vits_token_maps(tmp_path):
+    """GradCAMCallback on a keras-hub ViT (default layer): the documented panel of the
+    hand-unrolled tape's map at the last block's input, laid on the patch grid."""
+    from tests.test_model_kinds import LABELS, _assert_panels_show, _fit_with_callback
+
+    model = _vit()
+    images = np.random.default_rng(14).random((4, 32, 32, 3), dtype=np.float32)
+    callback, panels = _fit_with_callback(model, images, tmp_path / "vit")
+    assert callback.explainer.layer == f"{model.backbone.name}/vit_encoder/encoder_layers/0"
+    maps = []
+    for i, c in enumerate(LABELS):
+        _, raw, _ = _vit_reference(model, images[i : i + 1], 0, int(c))
+        maps.append(np.maximum(raw[0], 0))
+    logits = model(images).numpy()
+    resized = tf.image.resize(np.stack(maps)[..., None], (32, 32), method="bilinear").numpy()
+    heatmaps = resized[..., 0] / resized.max(axis=(1, 2, 3))[:, None, None]
+    _assert_panels_show(panels, images, heatmaps, LABELS, logits)

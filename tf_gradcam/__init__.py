@@ -71,6 +71,7 @@ _SOURCES: dict[str, str] = {
     "layer_paths": "submodel",
     "SimilarityTarget": "similarity",
     "Smoothed": "smoothing",
+    "show": "display",
     "AnswerScore": "targets",
     "CaptionLogProb": "targets",
     "SegmentationTarget": "targets",
@@ -130,12 +131,14 @@ __all__ = [
     "overlay",
     "plot_fig1",
     "plot_layers",
+    "show",
 ]
 
 if TYPE_CHECKING:
     from tf_gradcam.callback import GradCAMCallback
     from tf_gradcam.cams import EigenCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
     from tf_gradcam.dataset import DatasetSummary, ExplainedBatch, explain_dataset, iter_shards
+    from tf_gradcam.display import show
     from tf_gradcam.errors import (
         BackendError,
         GradCAMError,

@@ -81,6 +81,18 @@ class Explanation:
             converted[f.name] = value.numpy() if isinstance(value, tf.Tensor) else value
         return replace(self, **converted)
 
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter display: one jet heatmap panel per image (and top-k rank), PNG."""
+        from tf_gradcam.display import render_png
+
+        return render_png(self)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter display: a summary line, the heatmap panels and a score table."""
+        from tf_gradcam.display import render_html
+
+        return render_html(self)
+
 
 def spatial_axes(tensor: tf.Tensor, *, batch_axes: int = 2) -> list[int]:
     """The spatial axes of a `(batch, [k,] *spatial, channels)` tensor: all but the first and last.

@@ -102,6 +102,18 @@ class PixelExplanation:
             converted[f.name] = value
         return replace(self, **converted)
 
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter display: the normalised gradients of each image (and rank), PNG."""
+        from tf_gradcam.display import render_png
+
+        return render_png(self)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter display: a summary line, the gradient panels and a score table."""
+        from tf_gradcam.display import render_html
+
+        return render_html(self)
+
 
 # ------------------------------------------------------------ the engines
 

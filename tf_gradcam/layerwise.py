@@ -101,6 +101,18 @@ class LayerExplanations(dict):
             fused = upsampled if fused is None else tf.maximum(fused, upsampled)
         return fused.numpy()
 
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter display: one row of jet heatmap panels per layer, PNG."""
+        from tf_gradcam.display import render_png
+
+        return render_png(self)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter display: a summary line, the heatmap panels and a score table."""
+        from tf_gradcam.display import render_html
+
+        return render_html(self)
+
 
 class _LayersModel:
     """The re-run graph of a model exposing the activations of several layers.

@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 _SOURCES: dict[str, str] = {
     "GradCAMCallback": "callback",
     "DatasetSummary": "dataset",
+    "DetectionTarget": "detection",
     "ExplainedBatch": "dataset",
     "explain_dataset": "dataset",
     "iter_shards": "dataset",
@@ -88,6 +89,7 @@ __all__ = [
     "DeconvReLU",
     "Deconvolution",
     "DeconvolutionGradCAM",
+    "DetectionTarget",
     "EigenCAM",
     "ExplainedBatch",
     "Explanation",
@@ -138,6 +140,7 @@ if TYPE_CHECKING:
     from tf_gradcam.callback import GradCAMCallback
     from tf_gradcam.cams import EigenCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
     from tf_gradcam.dataset import DatasetSummary, ExplainedBatch, explain_dataset, iter_shards
+    from tf_gradcam.detection import DetectionTarget
     from tf_gradcam.display import show
     from tf_gradcam.errors import (
         BackendError,

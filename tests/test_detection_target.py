@@ -350,8 +350,8 @@ def test_retinanet_bad_targets(retinanet):
     far = DetectionTarget([-90.0, -90.0, -80.0, -80.0], 0, detector=retinanet)
     with pytest.raises(TargetError, match=r"matches no raw prediction .* best IoU .* is 0\.000"):
         far(retinanet(x))
-    # Inside the compiled step the same check is an assertion (tf.errors, see the docs).
-    with pytest.raises(tf.errors.InvalidArgumentError, match="matches no raw prediction"):
+    # Inside the compiled step the same check is an assertion; the engine re-raises it typed.
+    with pytest.raises(TargetError, match=r"^DetectionTarget: .*matches no raw prediction"):
         GradCAM(retinanet, LAYER)(x, target=far)
 
 
@@ -453,3 +453,16 @@ def test_exported_from_the_package_with_a_short_repr():
     assert repr(_hand_target()) == (
         "DetectionTarget(box=[0.0, 0.0, 10.0, 20.0] (yxyx), class_index=1, iou=0.5)"
     )
+
+
+def test_the_default_layer_of_a_detector_is_not_its_shared_head(retinanet):
+    """The box and class heads run once per pyramid level: no single activation. The
+    default is the last feature map called once; its score is the detection's."""
+    gradcam = GradCAM(retinanet)
+    assert "head" not in gradcam.layer
+    x = np.random.default_rng(0).random((2, SIZE, SIZE, 3), dtype=np.float32)
+    raw = retinanet(x)
+    boxes, masks = _detections(raw, 1)
+    result = gradcam(x, target=DetectionTarget(boxes, 1, detector=retinanet))
+    expected = (raw["cls_logits"].numpy()[..., 1] * masks).sum(axis=1)
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-5, atol=1e-5)

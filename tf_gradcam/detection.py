@@ -196,10 +196,10 @@ class DetectionTarget:
             called eagerly (`target(detector(images))`, `target.matches(...)`),
             a box no prediction matches: the message gives the best IoU found
             and the fix (when called).
-        tf.errors.InvalidArgumentError: inside a compiled step (every
-            tf_gradcam method), a box no prediction matches (`strict=True`),
-            with the same message and the best IoU per image; per-image boxes
-            or classes whose count is not the batch size.
+        tf.errors.InvalidArgumentError: inside a compiled step, a box no
+            prediction matches (`strict=True`), with the same message and the
+            best IoU per image; per-image boxes or classes whose count is not
+            the batch size. The explainers re-raise it as a `TargetError`.
 
     Example:
         >>> detections = detector.predict(images)            # after NMS, for the boxes

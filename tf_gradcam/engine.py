@@ -456,7 +456,16 @@ class Engine:
                     classes = tf.identity(classes)
             else:
                 classes = tf.broadcast_to(classes, size)
-        result = self._function(inputs, spec)(inputs, classes)
+        try:
+            result = self._function(inputs, spec)(inputs, classes)
+        except tf.errors.InvalidArgumentError as error:
+            # A target object's own check, run inside the compiled step as an
+            # assertion (a box no raw prediction matches): its typed error.
+            marker = f"{type(target).__name__}: "
+            if callable(target) and marker in error.message:
+                text = error.message[error.message.index(marker) :]
+                raise TargetError(text.split("\n")[0].split(" [[")[0].strip()) from None
+            raise
         return result, spec
 
 

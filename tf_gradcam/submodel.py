@@ -591,8 +591,9 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
     The rule, in three steps:
 
     1. The candidates are the feature maps (4-D, or 3-D / 5-D in networks on
-       signals / volumes, see `_Rewiring.is_spatial`) of leaf layers (nested models opened,
-       input layers left out). Those computed only from globally pooled
+       signals / volumes, see `_Rewiring.is_spatial`) of leaf layers (nested models
+       opened, input layers and layers called more than once left out). Those
+       computed only from globally pooled
        features are dropped unless nothing else is left: MobileNet's 1x1
        `conv_preds` classifier after the pooling, squeeze-and-excitation branches.
        So is a model output at an input's resolution (a segmenter's per-pixel
@@ -629,6 +630,9 @@ def _default_path(model: keras.Model, rewiring: _Rewiring) -> str:
         and not isinstance(rewiring.layers[p], keras.layers.InputLayer)
         and not is_expandable(rewiring.layers[p])
     ]
+    # A layer called on several inputs (a detector's head shared by the pyramid levels)
+    # has no single activation to explain.
+    candidates = [p for p in candidates if len(rewiring.outputs[p]) == 1] or candidates
     if not candidates:
         transformer = _default_token_path(model, rewiring)
         if transformer is not None:

@@ -431,14 +431,9 @@ def test_dfine_raw_outputs_match_by_the_queries_boxes(dfine):
     np.testing.assert_allclose(target(raw).numpy(), [expected], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="tf_gradcam's graph rewiring (submodel._wrapped_call) calls D-FINE's hybrid "
-    "encoder through a wrapper layer with kwargs mixing tensors and bools, which Keras "
-    "refuses. When this passes, update the D-FINE status in docs/tasks.md.",
-)
 def test_dfine_gradcam_runs_with_the_target(dfine):
+    """D-FINE's encoder takes keyword arguments mixing tensors and Python values: the
+    gradient graph passes the tensors alone through its wrapper."""
     x = np.random.default_rng(2).random((1, SIZE, SIZE, 3), dtype=np.float32)
     raw = dfine(x)
     box, _ = _dfine_box_and_mask(raw)

@@ -231,11 +231,17 @@ def _wrapped_call(
     """Call `layer` (or `replace`) through a fresh `_LayerCall` on symbolic `args`.
 
     Bare operations may take constants positionally (`x + 3.0` is `Add()(x, 3.0)`),
+    and some layers take nested arguments mixing tensors and Python values
+    (D-FINE's encoder: `inputs_embeds=[...], output_hidden_states=True`), both of
     which a layer call refuses: their symbolic tensors are passed as one list
-    and the constants are put back in place inside the call.
+    and the other values are put back in place inside the call.
     """
     if not is_operation(layer):
-        return _LayerCall(layer, replace=replace)(*args, **kwargs)
+        try:
+            return _LayerCall(layer, replace=replace)(*args, **kwargs)
+        except ValueError as error:  # Keras: "you cannot mix tensors and non-tensors"
+            if "mix tensors and non-tensors" not in str(error):
+                raise
     flat = keras.tree.flatten((args, kwargs))
     positions = [i for i, value in enumerate(flat) if isinstance(value, keras.KerasTensor)]
     function = replace if replace is not None else layer

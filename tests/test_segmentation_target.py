@@ -420,7 +420,7 @@ def test_segformer_decoder_map_equals_the_tape():
     c = _balanced_class(logits)
     mask = np.zeros((32, 32), bool)
     mask[4:20, 10:30] = True
-    cam = GradCAM(model, "seg_former_backbone")
+    cam = GradCAM(model, model.backbone.name)
     for target, region_fn in (
         (SegmentationTarget(c, mask), lambda out: np.broadcast_to(mask, out.shape[:3])),
         (SegmentationTarget(c), lambda out: out.argmax(-1) == c),

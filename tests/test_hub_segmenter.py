@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_deeplabv3, make_segformer
 
 import tf_gradcam
 
@@ -20,26 +21,7 @@ keras_hub = pytest.importorskip("keras_hub")
 
 
 def _segmenter() -> keras.Model:
-    keras.utils.set_random_seed(0)
-    encoder = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[3],
-        stackwise_num_filters=[64, 64, 64],
-        stackwise_num_blocks=[1, 1, 1],
-        stackwise_num_strides=[1, 2, 2],
-        block_type="basic_block",
-        image_shape=(64, 64, 3),
-    )
-    backbone = keras_hub.models.DeepLabV3Backbone(
-        image_encoder=encoder,
-        low_level_feature_key="P2",
-        spatial_pyramid_pooling_key="P3",
-        dilation_rates=[1, 2],
-        upsampling_size=2,
-    )
-    return keras_hub.models.DeepLabV3ImageSegmenter(
-        backbone=backbone, num_classes=3, preprocessor=None
-    )
+    return make_deeplabv3()
 
 
 def test_deeplabv3_region_score_equals_the_tape_at_the_default_layer():
@@ -71,22 +53,8 @@ def test_deeplabv3_region_score_equals_the_tape_at_the_default_layer():
 def test_segformer_default_is_the_decoder_map_not_the_resized_class_scores():
     """SegFormer's head: class-score conv at 1/4 resolution, then Resizing to the image.
     That conv holds the scores: the default is the decoder's fused map feeding it."""
-    keras.utils.set_random_seed(0)
-    encoder = keras_hub.models.MiTBackbone(
-        layerwise_depths=[1, 1],
-        num_layers=2,
-        layerwise_num_heads=[1, 2],
-        layerwise_sr_ratios=[2, 1],
-        max_drop_path_rate=0.0,
-        layerwise_patch_sizes=[7, 3],
-        layerwise_strides=[4, 2],
-        image_shape=(32, 32, 3),
-        hidden_dims=[8, 16],
-    )
-    backbone = keras_hub.models.SegFormerBackbone(image_encoder=encoder, projection_filters=8)
-    model = keras_hub.models.SegFormerImageSegmenter(
-        backbone=backbone, num_classes=3, preprocessor=None
-    )
+    model = make_segformer(levels=2)
+    backbone = model.backbone
     x = np.random.default_rng(1).random((2, 32, 32, 3), dtype=np.float32)
     mask = np.zeros((32, 32), np.float32)
     mask[4:20, 6:30] = 1.0

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_deeplabv3, make_segformer
 from keras import layers
 
 import tf_gradcam
@@ -310,27 +311,7 @@ def test_callback_logs_the_region_score_and_the_maps_masses(tmp_path, x):
 
 
 def _deeplab(activation: str | None = "softmax") -> keras.Model:
-    keras_hub = pytest.importorskip("keras_hub")
-    keras.utils.set_random_seed(0)
-    encoder = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[3],
-        stackwise_num_filters=[64, 64, 64],
-        stackwise_num_blocks=[1, 1, 1],
-        stackwise_num_strides=[1, 2, 2],
-        block_type="basic_block",
-        image_shape=(64, 64, 3),
-    )
-    backbone = keras_hub.models.DeepLabV3Backbone(
-        image_encoder=encoder,
-        low_level_feature_key="P2",
-        spatial_pyramid_pooling_key="P3",
-        dilation_rates=[1, 2],
-        upsampling_size=2,
-    )
-    return keras_hub.models.DeepLabV3ImageSegmenter(
-        backbone=backbone, num_classes=3, activation=activation, preprocessor=None
-    )
+    return make_deeplabv3(activation)
 
 
 def _tape_reference(features_fn, head_fn, x, c, region_fn):
@@ -385,24 +366,7 @@ def test_deeplabv3_softmax_head_mask_and_argmax_regions_equal_the_tape():
 
 
 def _segformer(levels: int = 1) -> keras.Model:
-    """A tiny SegFormer (MiT encoder, `levels` stages) at 32x32, 3 classes."""
-    keras_hub = pytest.importorskip("keras_hub")
-    keras.utils.set_random_seed(0)
-    encoder = keras_hub.models.MiTBackbone(
-        layerwise_depths=[1] * levels,
-        num_layers=levels,
-        layerwise_num_heads=[1, 2][:levels],
-        layerwise_sr_ratios=[2, 1][:levels],
-        max_drop_path_rate=0.0,
-        layerwise_patch_sizes=[7, 3][:levels],
-        layerwise_strides=[4, 2][:levels],
-        image_shape=(32, 32, 3),
-        hidden_dims=[8, 16][:levels],
-    )
-    backbone = keras_hub.models.SegFormerBackbone(image_encoder=encoder, projection_filters=8)
-    return keras_hub.models.SegFormerImageSegmenter(
-        backbone=backbone, num_classes=3, preprocessor=None
-    )
+    return make_segformer(levels)
 
 
 def test_segformer_decoder_map_equals_the_tape():

@@ -431,15 +431,37 @@ def test_dfine_raw_outputs_match_by_the_queries_boxes(dfine):
     np.testing.assert_allclose(target(raw).numpy(), [expected], rtol=1e-6, atol=1e-6)
 
 
-def test_dfine_gradcam_runs_with_the_target(dfine):
+def test_dfine_gradcam_equals_a_tape_over_the_backbones_own_graph(dfine):
     """D-FINE's encoder takes keyword arguments mixing tensors and Python values: the
-    gradient graph passes the tensors alone through its wrapper."""
-    x = np.random.default_rng(2).random((1, SIZE, SIZE, 3), dtype=np.float32)
+    gradient graph passes the tensors alone through its wrapper. Its maps equal a tape
+    over `keras.Model(backbone.input, [layer.output, backbone.output])`, run by Keras."""
+    x = np.random.default_rng(2).random((2, SIZE, SIZE, 3), dtype=np.float32)
     raw = dfine(x)
     box, _ = _dfine_box_and_mask(raw)
     target = DetectionTarget(box, 2, detector=dfine)
-    result = GradCAM(dfine, "d_fine_backbone/encoder_input_proj_bn_1")(x, target=target)
-    np.testing.assert_allclose(result.scores, target(raw).numpy(), rtol=1e-5, atol=1e-5)
+    layer = "encoder_input_proj_bn_1"
+    result = GradCAM(dfine, f"{dfine.backbone.name}/{layer}")(x, target=target)
+
+    backbone = dfine.backbone
+    inner = keras.Model(backbone.input, [backbone.get_layer(layer).output, backbone.output])
+    with tf.GradientTape() as tape:
+        activations, outputs = inner(x, training=False)
+        tape.watch(activations)
+        score = target(
+            {
+                "logits": outputs["intermediate_logits"][:, -1],
+                "pred_boxes": outputs["intermediate_reference_points"][:, -1],
+            }
+        )
+    gradients = tape.gradient(score, activations).numpy()
+    alpha = gradients.mean(axis=(1, 2))
+    raw_map = np.einsum("bhwc,bc->bhw", activations.numpy(), alpha)
+    np.testing.assert_allclose(score.numpy(), target(raw).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.scores, score.numpy(), rtol=1e-5, atol=1e-5)
+    # random weights give small gradients: compared relative to their largest value
+    for got, want in ((result.weights, alpha), (result.raw_maps, raw_map)):
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
 def test_exported_from_the_package_with_a_short_repr():

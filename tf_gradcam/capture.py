@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -167,6 +167,14 @@ def capturing(layer: keras.Operation, *, tape: tf.GradientTape | None = None) ->
             _CAPTURES.reset(token)
     finally:
         _uninstall(owner)
+
+
+def watch(tensor: tf.Tensor) -> None:
+    """Watch `tensor` on the tape opened by `watching`, if any (for forward passes that
+    compute the explained layer's output themselves)."""
+    tape = _TAPE.get()
+    if tape is not None:
+        tape.watch(tensor)
 
 
 @contextlib.contextmanager
@@ -494,8 +502,13 @@ def build_subclassed_gradient_model(
     call_override: Any = None,
     sample_shape: tuple[int | None, ...] | None = None,
     reshape: Any = None,
+    model_class: Callable[..., SubclassedGradientModel] | None = None,
 ) -> SubclassedGradientModel:
     """`build_gradient_model` for subclassed models (see `SubclassedGradientModel`).
+
+    `model_class` builds the result instead of `SubclassedGradientModel` (with
+    its arguments): a subclass with a faster forward pass of the same values
+    (`tf_gradcam.class_token`).
 
     Raises:
         UnsupportedModelError: a `call_override` other than the ReLU rules'
@@ -521,7 +534,7 @@ def build_subclassed_gradient_model(
     ):
         raise UnsupportedModelError(f"{name} with several inputs: not supported yet.")
     dtype = getattr(model, "input_dtype", None) or "float32"
-    gradient_model = SubclassedGradientModel(
+    gradient_model = (model_class or SubclassedGradientModel)(
         model,
         target,
         layer_path=path,

@@ -22,12 +22,14 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 from tf_gradcam.capture import build_subclassed_gradient_model, layer_candidates, resolve_layer
+from tf_gradcam.class_token import ClassTokenGradientModel, class_token_tail
 from tf_gradcam.errors import (
     InputError,
     LayerNotFoundError,
@@ -922,6 +924,8 @@ def build_gradient_model(
                 raise
             path = layer
         if path not in rewiring.outputs:  # inside a layer: captured during the call
+            # a ViT classifier's last block run for the class token only (same values)
+            tail = None if reshape else class_token_tail(model, resolve_layer(model, path)[1])
             return build_subclassed_gradient_model(
                 model,
                 path,
@@ -930,6 +934,7 @@ def build_gradient_model(
                 call_override=call_override,
                 sample_shape=_input_shape(inputs),
                 reshape=reshape,
+                model_class=None if tail is None else partial(ClassTokenGradientModel, tail=tail),
             )
         calls = rewiring.outputs[path]
         if len(calls) > 1:

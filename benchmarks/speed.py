@@ -50,17 +50,18 @@ model's forward + backward pass to the input. The peers are not run on it.
 `--models vit-b16` times a Vision Transformer: keras-hub's `ViTImageClassifier`
 built from its constructors with ViT-B/16 sizes (224x224, patch 16, 12 blocks,
 12 heads, width 768, MLP 3072, 1,000 classes, no preprocessor; random weights,
-no preset is downloaded). Grad-CAM explains the last block's first LayerNorm
-(`<backbone>/vit_encoder/encoder_layers/11/layer_norm_1`, captured during the
-call) and, as a second row, the last block's output (`.../encoder_layers/11`,
-all-zero maps: no patch token reaches the class token after it). First a check
-row: on batch 2, the weights and raw maps of both against a `tf.GradientTape`
+no preset is downloaded). Grad-CAM explains the default layer, the last block's
+input (`<backbone>/vit_encoder/encoder_layers/10`, whose forward pass runs the
+last block for the class token only: `tf_gradcam.class_token`), the last block's
+first LayerNorm (`.../encoder_layers/11/layer_norm_1`, captured during the
+model's own call) and the last block's output (`.../encoder_layers/11`, all-zero
+maps: no patch token reaches the class token after it). First a check row: on
+batch 2, the weights and raw maps of the three against a `tf.GradientTape`
 over the classifier unrolled by hand (embedding, blocks in a loop, final
 LayerNorm, class token, dense head; dropouts are identity at inference). Then
-forward, Grad-CAM at both layers, top-5 maps, and two hand-written floors: the
-same tape compiled, and a "class-token tail" that computes the rest of the
-last block for the class token only (same maps, a backward pass that skips the
-196 patch rows whose gradient is zero). Notes give the CPU-time ratio
+forward, Grad-CAM at the three layers, top-5 maps, and two hand-written floors
+at the default layer: the same tape compiled, and the tape with the last block
+computed for the class token only. Notes give the CPU-time ratio
 (`time.process_time`, steadier than wall time under load) and the median of
 per-repeat ratios. Batches of 16 or more use at most 3 repeats and one warm-up
 call (a forward pass at batch 32 takes 10-25 s on 2 cores); the whole run takes
@@ -555,11 +556,11 @@ def _vit_unrolled(
     The embedding layer, the encoder blocks in a loop, the last block's call
     written out (its first LayerNorm's output watched), the encoder's final
     LayerNorm, the class token and the output dense layer; the dropouts are left
-    out (identity at inference). `tensors` holds the last block's `layer_norm_1`
-    and `output`; the scores are those of `classes` (the predicted classes when
-    `None`).
+    out (identity at inference). `tensors` holds the last block's `input`,
+    `layer_norm_1` and `output`; the scores are those of `classes` (the
+    predicted classes when `None`).
 
-    With `class_token_tail`, the rest of the last block after `layer_norm_1` is
+    With `class_token_tail`, the last block after `layer_norm_1` is
     computed for the class token only (its attention queried by the class token,
     keys and values from every token; the MLP on one token): the head reads
     nothing else and every op after the attention works token by token, so the
@@ -575,6 +576,8 @@ def _vit_unrolled(
         x = embedding(images)
         for block in blocks:
             x = block(x, training=False)
+        tape.watch(x)
+        block_input = x
         normed = last.layer_norm_1(x)
         tape.watch(normed)
         query = normed[:, :1] if class_token_tail else normed
@@ -585,7 +588,7 @@ def _vit_unrolled(
         if classes is None:
             classes = tf.argmax(logits, axis=-1, output_type=tf.int32)
         scores = tf.gather(logits, classes, axis=1, batch_dims=1)
-    return tape, {"layer_norm_1": normed, "output": output}, scores
+    return tape, {"input": block_input, "layer_norm_1": normed, "output": output}, scores
 
 
 def _token_cam(tokens: tf.Tensor, gradients: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -600,7 +603,7 @@ def _token_cam(tokens: tf.Tensor, gradients: tf.Tensor) -> tuple[tf.Tensor, tf.T
 def vit_reference(
     model: keras.Model, images: np.ndarray, classes: np.ndarray
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Grad-CAM by hand, eagerly: {"layer_norm_1" | "output": (weights, raw maps)}."""
+    """Grad-CAM by hand, eagerly: {"input" | "layer_norm_1" | "output": (weights, raw maps)}."""
     tape, tensors, scores = _vit_unrolled(
         model, tf.constant(images), tf.constant(classes, tf.int32), persistent=True
     )
@@ -612,7 +615,7 @@ def vit_reference(
 
 
 def vit_hand_cam(model: keras.Model, class_token_tail: bool = False) -> Callable:
-    """The same Grad-CAM at `layer_norm_1`, compiled: the floor of its backward pass.
+    """Grad-CAM at the last block's input, compiled: the floor of its backward pass.
 
     A `tf.function` over `_vit_unrolled` (predicted class), returning the raw
     maps as NumPy; no upsampling, ReLU or normalisation.
@@ -622,7 +625,7 @@ def vit_hand_cam(model: keras.Model, class_token_tail: bool = False) -> Callable
     @tf.function(input_signature=[spec])
     def step(x):
         tape, tensors, scores = _vit_unrolled(model, x, None, class_token_tail=class_token_tail)
-        tokens = tensors["layer_norm_1"]
+        tokens = tensors["input"]
         return _token_cam(tokens, tape.gradient(scores, tokens))[1]
 
     return lambda x: step(x).numpy()
@@ -685,11 +688,11 @@ def bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[Ro
 def _bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[Row]:
     """Rows for a keras-hub ViT classifier at every batch size.
 
-    First a check on batch 2: Grad-CAM's weights and raw maps at the last block's
-    first LayerNorm and at its output against `vit_reference`, and the raw maps
-    of the two compiled hand-written versions against Grad-CAM's. Then, timed as
-    `time_paired`: forward, Grad-CAM at `layer_norm_1`, Grad-CAM at the block's
-    output, top-5 maps at `layer_norm_1`, and the two hand-written floors
+    First a check on batch 2: Grad-CAM's weights and raw maps at the default
+    layer (the last block's input), its first LayerNorm and its output against
+    `vit_reference`, and the raw maps of the two compiled hand-written versions
+    against Grad-CAM's. Then, timed as `time_paired`: forward, Grad-CAM at the
+    three layers, top-5 maps at the default layer, and the two hand-written floors
     (`vit_hand_cam`: the same tape compiled, and with the class-token tail); each
     note gives the CPU-time ratio and the median of the per-repeat ratios.
     Batches of 16 images or more use at most 3 repeats and one warm-up call (a
@@ -700,15 +703,17 @@ def _bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[R
     last = f"{model.backbone.name}/vit_encoder/encoder_layers/{VITS[key]['num_layers'] - 1}"
     norm = f"{last}/layer_norm_1"
     forward = compiled_forward(model)
-    cam = GradCAM(model, layer=norm)
+    cam = GradCAM(model)
+    cam_norm = GradCAM(model, layer=norm)
     cam_output = GradCAM(model, layer=last)
     hand = vit_hand_cam(model)
     tail = vit_hand_cam(model, class_token_tail=True)
 
     images = np.random.default_rng(5).random((2, SIZE, SIZE, 3), dtype=np.float32)
-    mine = {"layer_norm_1": cam(images), "output": cam_output(images)}
-    same = bool(np.array_equal(mine["output"].classes, mine["layer_norm_1"].classes))
-    reference = vit_reference(model, images, mine["layer_norm_1"].classes)
+    mine = {"input": cam(images), "layer_norm_1": cam_norm(images), "output": cam_output(images)}
+    same = all(np.array_equal(r.classes, mine["input"].classes) for r in mine.values())
+    shortcut = getattr(cam.gradient_model, "tail", None) is not None
+    reference = vit_reference(model, images, mine["input"].classes)
     parts = []
     for name, result in mine.items():
         alpha, raw = reference[name]
@@ -718,13 +723,14 @@ def _bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[R
             f"{name}: weights {weights_diff:.1e} (values up to {np.max(np.abs(alpha)):.2g}), "
             f"raw maps {raw_diff:.1e} (values up to {np.max(np.abs(raw)):.2g})"
         )
-    raw_maps = mine["layer_norm_1"].raw_maps
+    raw_maps = mine["input"].raw_maps
     hand_diff = float(np.max(np.abs(hand(images) - raw_maps)))
     tail_diff = float(np.max(np.abs(tail(images) - raw_maps)))
     check = (
-        f"layout {mine['layer_norm_1'].layout.describe()}; max |diff| against the tape over "
+        f"default layer {cam.layer} (class-token shortcut taken: {shortcut}); layout "
+        f"{mine['input'].layout.describe()}; max |diff| against the tape over "
         f"the unrolled classifier: {'; '.join(parts)}; same classes: {same}; compiled "
-        f"by-hand raw maps at layer_norm_1 {hand_diff:.1e}, class-token tail {tail_diff:.1e}"
+        f"by-hand raw maps at the block input {hand_diff:.1e}, class-token tail {tail_diff:.1e}"
     )
     rows = [Row(key, "2", "check: Grad-CAM against the unrolled tape", None, None, check)]
     _print_rows(rows, header=False)
@@ -734,11 +740,12 @@ def _bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[R
         images = rng.random((batch, SIZE, SIZE, 3), dtype=np.float32)
         operations: dict[str, Callable[[], object]] = {
             "forward (compiled)": lambda images=images: forward(images),
-            "Grad-CAM, layer_norm_1": lambda images=images: cam(images),
+            "Grad-CAM, default layer": lambda images=images: cam(images),
+            "Grad-CAM, layer_norm_1": lambda images=images: cam_norm(images),
             "Grad-CAM, block output": lambda images=images: cam_output(images),
-            "top-5 maps, layer_norm_1": lambda images=images: cam(images, target=TopK(5)),
-            "by hand: tape, layer_norm_1": lambda images=images: hand(images),
-            "by hand: class-token tail, layer_norm_1": lambda images=images: tail(images),
+            "top-5 maps, default layer": lambda images=images: cam(images, target=TopK(5)),
+            "by hand: tape, default layer": lambda images=images: hand(images),
+            "by hand: class-token tail, default layer": lambda images=images: tail(images),
         }
         large = batch >= 16
         repeats = min(args.repeats, 3) if large else args.repeats
@@ -749,12 +756,13 @@ def _bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[R
             note = f"CPU {cpu / base_cpu:.2f}, paired {paired:.2f}"
             if name == "forward (compiled)":
                 note = f"{repeats} repeats"
-            elif name == "Grad-CAM, layer_norm_1":
-                note += f"; {seconds / times['by hand: tape, layer_norm_1'][0]:.2f} x by hand"
+            elif name == "Grad-CAM, default layer":
+                hand_seconds = times["by hand: class-token tail, default layer"][0]
+                note += f"; {seconds / hand_seconds:.2f} x by hand (class-token tail)"
             elif name == "Grad-CAM, block output":
                 note += "; all-zero maps (no patch token reaches the class token after it)"
             elif name.startswith("top-5"):
-                note += f"; {seconds / times['Grad-CAM, layer_norm_1'][0]:.2f} x top-1"
+                note += f"; {seconds / times['Grad-CAM, default layer'][0]:.2f} x top-1"
             batch_rows.append(Row(key, str(batch), name, seconds * 1000, seconds / base_wall, note))
         _print_rows(batch_rows, header=False)
         rows += batch_rows
@@ -762,9 +770,10 @@ def _bench_vit(key: str, batches: list[int], args: argparse.Namespace) -> list[R
     images = np.random.default_rng(2).random((2, SIZE, SIZE, 3), dtype=np.float32)
     counts = {  # new functions: run metadata lists the graphs instantiated during the call
         "forward": executed_ops(lambda: compiled_forward(model)(images)),
+        "Grad-CAM step, default layer": executed_ops(lambda: GradCAM(model)(images)),
         "Grad-CAM step, layer_norm_1": executed_ops(lambda: GradCAM(model, layer=norm)(images)),
         "Grad-CAM step, block output": executed_ops(lambda: GradCAM(model, layer=last)(images)),
-        "by hand: tape, layer_norm_1": executed_ops(lambda: vit_hand_cam(model)(images)),
+        "by hand: tape, default layer": executed_ops(lambda: vit_hand_cam(model)(images)),
         "by hand: class-token tail": executed_ops(
             lambda: vit_hand_cam(model, class_token_tail=True)(images)
         ),

@@ -70,6 +70,8 @@ _SOURCES: dict[str, str] = {
     "explain_layers": "layerwise",
     "plot_layers": "layerwise",
     "layer_paths": "submodel",
+    "ReportSummary": "html_report",
+    "report": "html_report",
     "SimilarityTarget": "similarity",
     "Smoothed": "smoothing",
     "show": "display",
@@ -109,6 +111,7 @@ __all__ = [
     "NoGradientError",
     "NotSpatialError",
     "PixelExplanation",
+    "ReportSummary",
     "ScoreCAM",
     "SegmentationTarget",
     "SimilarityTarget",
@@ -133,6 +136,7 @@ __all__ = [
     "overlay",
     "plot_fig1",
     "plot_layers",
+    "report",
     "show",
 ]
 
@@ -164,6 +168,7 @@ if TYPE_CHECKING:
         GuidedGradCAM,
         PixelExplanation,
     )
+    from tf_gradcam.html_report import ReportSummary, report
     from tf_gradcam.image import normalize_gradients, overlay
     from tf_gradcam.layerwise import (
         LayerExplanations,

@@ -1,4 +1,4 @@
-"""The `tf-gradcam` command: `demo` and `explain`. The only module that touches image files.
+"""The `tf-gradcam` command: `demo`, `explain`, `report`. The only module touching image files.
 
     tf-gradcam demo [--out DIR] [--count N] [--seed S] [--overwrite] [--verbose] [--debug]
     tf-gradcam explain MODEL INPUT... [--layer NAME] [--class INDEX | --top-k K]
@@ -7,6 +7,15 @@
                                  guided_gradcam]
                        [--preprocess unit|raw|symmetric] [--labels FILE] [--out DIR]
                        [--alpha A] [--trust-model] [--overwrite] [--verbose] [--debug]
+    tf-gradcam report SHARDS_DIR [--images FILE.npy | --images IMAGE_OR_DIR...]
+                      [--labels FILE] [--regions FILE.npz] [--out FILE.html] [--title TEXT]
+                      [--thumbnail PX] [--format png|jpeg] [--quality Q] [--page-size N]
+                      [--alpha A] [--overwrite] [--verbose] [--debug]
+
+`report` writes one self-contained HTML page of the overlays of an
+`explain_dataset` shard folder (`tf_gradcam.html_report.report`); the images
+come from one `.npy` array (memory-mapped) or PNG/JPEG files (a folder's,
+sorted by name), the i-th for position i, decoded here one at a time.
 
 `explain` loads a `.keras` model with Keras' safe mode on (`--trust-model`
 turns it off, and is required for legacy `.h5`/`.hdf5` files, which safe mode
@@ -1147,6 +1156,91 @@ def _print_table(
         print("  ".join(parts).rstrip())
 
 
+# ------------------------------------------------------------------ report
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class _ImageFiles(Sequence):
+    """Image files as a sequence of RGB arrays, each decoded when indexed (`CommandError`)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return _read_rgb(self.paths[index])
+
+
+def _report_images(names: Sequence[str] | None) -> Any:
+    """`--images`: None, a memory-mapped `.npy` array, or PNG/JPEG files (folders: sorted)."""
+    if not names:
+        return None
+    if len(names) == 1 and Path(names[0]).suffix.lower() == ".npy":
+        try:
+            return np.load(names[0], mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"cannot read images {names[0]!r}: {error}.") from error
+    paths: list[str] = []
+    for name in names:
+        if Path(name).is_dir():
+            found = sorted(p for p in Path(name).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+            if not found:
+                raise CommandError(f"image folder {name!r} holds no PNG/JPEG files.")
+            paths += [str(p) for p in found]
+        else:
+            paths.append(name)
+    return _ImageFiles(paths)
+
+
+def _report_regions(name: str | None) -> dict[str, np.ndarray] | None:
+    """`--regions`: a `.npz` whose arrays are named regions (masks or boxes per image)."""
+    if name is None:
+        return None
+    try:
+        data = np.load(name, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it is not an .npz file of named arrays")
+        with data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CommandError(f"cannot read regions {name!r}: {error}.") from error
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    """`tf-gradcam report`: one HTML page of an explain_dataset shard folder's overlays."""
+    labels = _read_labels(args.labels) if args.labels else None
+    images = _report_images(args.images)
+    regions = _report_regions(args.regions)
+    _import_tensorflow(args.verbose)
+    from tf_gradcam.html_report import report
+
+    try:
+        summary = report(
+            args.shards,
+            images,
+            out=args.out,
+            class_names=labels,
+            regions=regions,
+            title=args.title,
+            thumbnail=args.thumbnail,
+            image_format=args.format,
+            quality=args.quality,
+            page_size=args.page_size,
+            alpha=args.alpha,
+            overwrite=args.overwrite,
+        )
+    except OSError as error:  # a missing folder, an existing report, a full disk
+        raise CommandError(str(error)) from error
+    print(
+        f"tf_gradcam report: {summary.cards} images in {Path(summary.path).resolve()} "
+        f"({summary.bytes / 1e6:.1f} MB, {summary.seconds:.1f} s)"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -1159,6 +1253,22 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type of `report --thumbnail` and `--quality`: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _unit_float(text: str) -> float:
@@ -1194,7 +1304,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tf-gradcam {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     parser.add_argument("--debug", action="store_true", help=debug_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain,report}")
 
     demo = sub.add_parser(
         "demo", parents=[common], help="explain generated scenes with the shipped demo model"
@@ -1283,6 +1393,57 @@ def _parser() -> argparse.ArgumentParser:
         "code in Lambda layers)",
     )
     explain.set_defaults(run=_run_explain)
+
+    report = sub.add_parser(
+        "report",
+        parents=[common],
+        help="one HTML page of the overlays of an explain_dataset shard folder",
+        description="Write one self-contained HTML page of the Grad-CAM overlays in an "
+        "explain_dataset shard folder: sortable and filterable by class, score, correctness "
+        "and mass on regions, one page of cards at a time.",
+    )
+    report.add_argument("shards", metavar="SHARDS_DIR", help="the output_dir of explain_dataset")
+    report.add_argument(
+        "--images",
+        nargs="+",
+        metavar="PATH",
+        help="the images the maps explain, the i-th for position i: one .npy array (count, "
+        "height, width[, channels]), or PNG/JPEG files or folders of them (sorted by name); "
+        "without it the heatmaps are drawn alone",
+    )
+    report.add_argument(
+        "--labels", metavar="FILE", help="class names: one per line, or a JSON list"
+    )
+    report.add_argument(
+        "--regions",
+        metavar="FILE",
+        help="a .npz of named regions whose Grad-CAM mass is shown: masks (count, height, "
+        "width) or boxes (count, 4) as x0 y0 x1 y1, at the maps' size",
+    )
+    report.add_argument("--out", metavar="FILE", default="report.html", help="the HTML file")
+    report.add_argument(
+        "--title", metavar="TEXT", default="Grad-CAM audit report", help="the page's title"
+    )
+    report.add_argument(
+        "--thumbnail",
+        metavar="PX",
+        type=_int_in(8),
+        default=128,
+        help="longest side of a card's picture in pixels (128; at least 8)",
+    )
+    report.add_argument(
+        "--format", choices=("png", "jpeg"), default="png", help="picture format (png)"
+    )
+    report.add_argument(
+        "--quality", metavar="Q", type=_int_in(1, 100), default=90, help="JPEG quality (90)"
+    )
+    report.add_argument(
+        "--page-size", metavar="N", type=_positive_int, default=60, help="cards per page (60)"
+    )
+    report.add_argument(
+        "--alpha", metavar="A", type=_unit_float, default=0.4, help="overlay opacity (0.4)"
+    )
+    report.set_defaults(run=_run_report)
     return parser
 
 

@@ -280,9 +280,27 @@ def iter_shards(output_dir: str | os.PathLike) -> Iterator[dict[str, np.ndarray]
     folder = Path(output_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"No shard folder {str(folder)!r}.")
-    for path in _find_files(folder, _SHARD_NAME):
+    for path in shard_paths(folder):
         with np.load(path) as shard:
             yield {name: shard[name] for name in shard.files}
+
+
+def shard_paths(folder: str | os.PathLike, *, partial: bool = False) -> list[Path]:
+    """The shard files of an `explain_dataset` folder, by worker, then batch.
+
+    Args:
+        folder: an existing folder.
+        partial: list the temporary files of shards still being written (or left
+            by a run that died) instead of the complete shards.
+
+    Returns:
+        The paths, in the order `iter_shards` reads them.
+
+    Example:
+        >>> shard_paths("cams")[0].name
+        'gradcam-000-000000.npz'
+    """
+    return _find_files(Path(folder), _TEMP_NAME if partial else _SHARD_NAME)
 
 
 # ------------------------------------------------------------------ set-up

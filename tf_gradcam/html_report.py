@@ -48,7 +48,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from tf_gradcam.dataset import _SHARD_NAME, _TEMP_NAME, _find_files
+from tf_gradcam.dataset import shard_paths
 from tf_gradcam.errors import InputError, TargetError
 from tf_gradcam.image import overlay
 from tf_gradcam.targets import classes_from_labels
@@ -313,9 +313,9 @@ def _folder_shards(folder: Path) -> list[_Shard]:
             f"No shard folder {str(folder)!r}: give the `output_dir` of explain_dataset. "
             f"Received: results={str(folder)!r}."
         )
-    paths = _find_files(folder, _SHARD_NAME)
+    paths = shard_paths(folder)
     if not paths:
-        partial = len(_find_files(folder, _TEMP_NAME))
+        partial = len(shard_paths(folder, partial=True))
         hint = f" It holds {partial} partial shard(s) of a run that did not end." if partial else ""
         raise InputError(
             f"The folder {str(folder)!r} holds no shards (files named "

@@ -500,9 +500,7 @@ def test_cli_report_equals_the_api_from_npy_and_from_png_files(tmp_path, shards,
         assert main(["report", str(shards), "--images", *images, *common, "--out", str(out)]) == 0
         assert f"{COUNT} images in {out}" in capsys.readouterr().out
         api = tmp_path / f"api-{name}"
-        report(
-            shards, reference_images, out=api, class_names=NAMES, regions=scenes["regions"]
-        )
+        report(shards, reference_images, out=api, class_names=NAMES, regions=scenes["regions"])
         assert _page_data(out) == _page_data(api)
 
 

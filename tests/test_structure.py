@@ -64,12 +64,14 @@ def test_no_import_cycle_between_modules():
 def test_the_relu_rules_are_a_leaf_below_the_engine():
     """relu_rules needs only the rewiring, the capture, the errors and the Keras adapter.
 
-    The capture of subclassed models is itself a leaf over the errors and the adapter.
+    The capture of subclassed models is itself a leaf over the errors, the adapter, the
+    token layouts and the image helpers (a leaf too).
     """
     graph = _graph()
     assert graph["relu_rules"] <= {"errors", "keras_adapter", "submodel", "capture"}
-    assert graph["capture"] <= {"errors", "keras_adapter", "tokens"}
+    assert graph["capture"] <= {"errors", "keras_adapter", "tokens", "image"}
     assert graph["tokens"] <= {"errors"}
+    assert graph["image"] == set()
     assert graph["keras_adapter"] == set()
     assert "guided" not in graph["gradcam"]
 

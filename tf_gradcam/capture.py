@@ -46,6 +46,7 @@ from tf_gradcam.errors import (
     NotSpatialError,
     UnsupportedModelError,
 )
+from tf_gradcam.image import spatial_size
 from tf_gradcam.keras_adapter import call_owner, is_functional, is_legacy_keras
 from tf_gradcam.tokens import CustomLayout, token_layout
 
@@ -487,10 +488,8 @@ class SubclassedGradientModel:
         return keras.tree.flatten(inputs)[self.image_index]
 
     def image_size(self, inputs: Any) -> Any:
-        """The image's spatial size as an int32 tensor (as `submodel.image_size`)."""
-        image = self.image(inputs)
-        shape, rank = tf.shape(image), image.shape.rank
-        return shape[2:rank] if self.image_channels_first else shape[1 : rank - 1]
+        """The image's spatial size as an int32 tensor (`image.spatial_size`)."""
+        return spatial_size(self.image(inputs), self.image_channels_first)
 
 
 def build_subclassed_gradient_model(

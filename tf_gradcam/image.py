@@ -51,7 +51,9 @@ def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
     # backward pass. The other axes are folded into the rows instead.
     x = tf.reshape(maps, tf.concat([[-1], shape[-axes:]], axis=0))  # (B, s_1, ..., s_r)
     for axis in range(1, axes + 1):
-        weights = _interpolation_matrix(tf.shape(x)[axis], size[axis - 1])
+        # sizes known when traced make the matrix a constant of the graph (folded once)
+        size_in = x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+        weights = _interpolation_matrix(size_in, size[axis - 1])
         order = [0, *[a for a in range(1, axes + 1) if a != axis], axis]
         moved = tf.transpose(x, order)  # the resized axis last
         moved_shape = tf.shape(moved)
@@ -61,6 +63,23 @@ def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
     return tf.reshape(x, tf.concat([shape[:-axes], size], axis=0))
 
 
+def spatial_size(batch: Any, channels_first: bool) -> tf.Tensor:
+    """The spatial size of a batch as an int32 tensor: `(height, width)` of images,
+    `(length,)` of signals, `(depth, height, width)` of volumes; a constant when the
+    traced shape knows it, so that `upsample_maps`' matrices are constants too.
+
+    Example:
+        >>> spatial_size(tf.zeros((2, 64, 48, 3)), channels_first=False).numpy()
+        array([64, 48], dtype=int32)
+    """
+    rank = batch.shape.rank
+    axes = slice(2, rank) if channels_first else slice(1, rank - 1)
+    static = batch.shape[axes]
+    if static.is_fully_defined():
+        return tf.constant(static.as_list(), tf.int32)
+    return tf.shape(batch)[axes]
+
+
 def _interpolation_matrix(size_in: tf.Tensor, size_out: tf.Tensor) -> tf.Tensor:
     """`(size_out, size_in)` weights of half-pixel bilinear interpolation along one axis.
 
@@ -68,7 +87,8 @@ def _interpolation_matrix(size_in: tf.Tensor, size_out: tf.Tensor) -> tf.Tensor:
     they are copied exactly) applies the linear map to each basis vector: the
     result is the map's matrix, with TensorFlow's own edge handling.
     """
-    identity = tf.eye(size_in, dtype=tf.float32)[:, :, None]
+    # expand_dims, not [:, :, None]: TFLite has no builtin for a new-axis strided slice
+    identity = tf.expand_dims(tf.eye(size_in, dtype=tf.float32), -1)
     weights = tf.image.resize(
         identity, tf.stack([size_out, size_in]), method="bilinear", antialias=False
     )

@@ -34,14 +34,13 @@ from tf_gradcam.errors import (
     UnknownMethodError,
 )
 from tf_gradcam.gradcam import Explanation, _GradCAMSteps, channels_last
-from tf_gradcam.image import overlay, upsample_maps
+from tf_gradcam.image import overlay, spatial_size, upsample_maps
 from tf_gradcam.keras_adapter import is_expandable
 from tf_gradcam.methods import get_method, method_name
 from tf_gradcam.submodel import (
     _resolve_path,
     _rewire,
     image_of,
-    image_size,
 )
 from tf_gradcam.targets import Target, TargetSpec
 
@@ -325,7 +324,7 @@ class MultiLayerGradCAM(_GradCAMSteps, Engine):
                 layer_activations = channels_last(layer_activations)
                 grads = channels_last(grads, batch_axes=2)
             index, channels_first = gradient_model.images[i]
-            size = image_size(image_of(inputs, index), channels_first)
+            size = spatial_size(image_of(inputs, index), channels_first)
             results[path] = self.maps_from_gradients(
                 inputs, layer_activations, grads, scores, resolved, size=size
             )

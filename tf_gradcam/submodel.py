@@ -26,7 +26,6 @@ from functools import partial
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from tf_gradcam.capture import build_subclassed_gradient_model, layer_candidates, resolve_layer
 from tf_gradcam.class_token import ClassTokenGradientModel, class_token_tail
@@ -36,6 +35,7 @@ from tf_gradcam.errors import (
     NotSpatialError,
     UnsupportedModelError,
 )
+from tf_gradcam.image import spatial_size
 from tf_gradcam.keras_adapter import (
     SQUASHING_OPERATIONS,
     is_expandable,
@@ -449,7 +449,7 @@ class GradientModel:
 
     def image_size(self, inputs: Any) -> Any:
         """`(height, width)` of the image input, as a tensor."""
-        return image_size(self.image(inputs), self.image_channels_first)
+        return spatial_size(self.image(inputs), self.image_channels_first)
 
     @property
     def inputs(self) -> Any:
@@ -475,14 +475,6 @@ def image_of(inputs: Any, index: int | None) -> Any:
             "Grad-CAM heatmaps are sized after that input."
         )
     return keras.tree.flatten(inputs)[index]
-
-
-def image_size(image: Any, channels_first: bool) -> Any:
-    """The spatial size of an input batch as an int32 tensor: `(height, width)` of images,
-    `(length,)` of signals, `(depth, height, width)` of volumes."""
-    shape = tf.shape(image)
-    rank = image.shape.rank
-    return shape[2:rank] if channels_first else shape[1 : rank - 1]
 
 
 def _rank(tensor: Any) -> int | None:

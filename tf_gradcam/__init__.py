@@ -54,6 +54,7 @@ _SOURCES: dict[str, str] = {
     "Explanation": "gradcam",
     "GradCAM": "gradcam",
     "explain": "methods",
+    "export": "serving",
     "Deconvolution": "guided",
     "DeconvolutionGradCAM": "guided",
     "DeconvReLU": "relu_rules",
@@ -129,6 +130,7 @@ __all__ = [
     "explain",
     "explain_dataset",
     "explain_layers",
+    "export",
     "guided_relu",
     "iter_shards",
     "layer_paths",
@@ -179,6 +181,7 @@ if TYPE_CHECKING:
     from tf_gradcam.methods import explain
     from tf_gradcam.perturbation import AblationCAM, ScoreCAM
     from tf_gradcam.relu_rules import DeconvReLU, GuidedReLU, deconv_relu, guided_relu
+    from tf_gradcam.serving import export
     from tf_gradcam.similarity import SimilarityTarget
     from tf_gradcam.smoothing import Smoothed
     from tf_gradcam.submodel import layer_paths

@@ -147,6 +147,10 @@ def test_every_public_name_is_its_defining_modules_object():
         if name == "__version__":
             assert isinstance(value, str)
             continue
+        if not callable(value):  # a constant: the object of the module the map names
+            home = importlib.import_module(f"tf_gradcam.{tf_gradcam._SOURCES[name]}")
+            assert getattr(home, name) is value
+            continue
         home = sys.modules[value.__module__]
         assert home.__name__.startswith("tf_gradcam.") and getattr(home, name) is value
     gradcam = importlib.import_module("tf_gradcam.gradcam")

@@ -81,9 +81,17 @@ _SOURCES: dict[str, str] = {
     "SegmentationTarget": "targets",
     "TopK": "targets",
     "WordLogProb": "targets",
+    "ExplanationLoss": "explanation_losses",
+    "GradCAMMassLoss": "explanation_losses",
+    "HINTLoss": "explanation_losses",
+    "NO_MASK": "explanation_losses",
+    "RRRLoss": "explanation_losses",
+    "ExplanationGuidedModel": "training",
+    "NonFiniteLossError": "errors",
 }
 
 __all__ = [
+    "NO_MASK",
     "AblationCAM",
     "AnswerScore",
     "BackendError",
@@ -96,13 +104,17 @@ __all__ = [
     "EigenCAM",
     "ExplainedBatch",
     "Explanation",
+    "ExplanationGuidedModel",
+    "ExplanationLoss",
     "GradCAM",
     "GradCAMCallback",
     "GradCAMError",
+    "GradCAMMassLoss",
     "GradCAMPlusPlus",
     "GuidedBackprop",
     "GuidedGradCAM",
     "GuidedReLU",
+    "HINTLoss",
     "HiResCAM",
     "InputError",
     "LayerCAM",
@@ -110,8 +122,10 @@ __all__ = [
     "LayerNotFoundError",
     "MultiLayerGradCAM",
     "NoGradientError",
+    "NonFiniteLossError",
     "NotSpatialError",
     "PixelExplanation",
+    "RRRLoss",
     "ReportSummary",
     "ScoreCAM",
     "SegmentationTarget",
@@ -154,12 +168,20 @@ if TYPE_CHECKING:
         InputError,
         LayerNotFoundError,
         NoGradientError,
+        NonFiniteLossError,
         NotSpatialError,
         TargetError,
         UnknownMethodError,
         UnsupportedActivationError,
         UnsupportedLayerError,
         UnsupportedModelError,
+    )
+    from tf_gradcam.explanation_losses import (
+        NO_MASK,
+        ExplanationLoss,
+        GradCAMMassLoss,
+        HINTLoss,
+        RRRLoss,
     )
     from tf_gradcam.figures import plot_fig1
     from tf_gradcam.gradcam import Explanation, GradCAM
@@ -192,6 +214,7 @@ if TYPE_CHECKING:
         TopK,
         WordLogProb,
     )
+    from tf_gradcam.training import ExplanationGuidedModel
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ __all__ = [
     "InputError",
     "LayerNotFoundError",
     "NoGradientError",
+    "NonFiniteLossError",
     "NotSpatialError",
     "TargetError",
     "UnknownMethodError",
@@ -69,3 +70,7 @@ class UnknownMethodError(GradCAMError):
 
 class UnsupportedLayerError(GradCAMError):
     """The chosen layer does not suit the method (e.g. Eigen-CAM on a one-channel layer)."""
+
+
+class NonFiniteLossError(GradCAMError):
+    """A training loss became NaN or infinite; the message names the step and the cause."""

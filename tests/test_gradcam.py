@@ -431,3 +431,22 @@ def test_logits_false_weights_follow_the_softmax_derivative(varied_images):
     np.testing.assert_allclose(result.weights, dp.mean(axis=(1, 2)), rtol=1e-4, atol=1e-8)
     logit_alpha = GradCAM(model, "features")(varied_images, target=c).weights
     np.testing.assert_allclose(logit_alpha, dz[..., c].mean(axis=(1, 2)), rtol=1e-5, atol=1e-7)
+
+
+def test_a_fixed_non_square_input_is_upsampled_to_its_own_height_and_width():
+    """Input 20x28 known when traced (the size is a graph constant): heatmaps are the
+    rectified raw maps resized by OpenCV to 28 wide, 20 high, then scaled to [0, 1]."""
+    import cv2
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((20, 28, 3))
+    features = layers.Conv2D(4, 3, strides=(2, 4), padding="same", name="features")(inputs)
+    outputs = layers.Dense(3)(layers.GlobalAveragePooling2D()(features))
+    model = keras.Model(inputs, outputs)
+    images = np.random.default_rng(8).random((2, 20, 28, 3), dtype=np.float32)
+    result = GradCAM(model, "features")(images, target=1)
+    assert result.maps.shape == (2, 10, 7) and result.heatmaps.shape == (2, 20, 28)
+    raw = np.maximum(result.raw_maps, 0)
+    up = np.stack([cv2.resize(m, (28, 20), interpolation=cv2.INTER_LINEAR) for m in raw])
+    expected = up / up.max(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(result.heatmaps, expected, atol=1e-5)

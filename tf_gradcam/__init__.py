@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _SOURCES: dict[str, str] = {
     "GradCAMCallback": "callback",
+    "AttentionExplanation": "attention",
+    "AttentionRollout": "attention",
     "DatasetSummary": "dataset",
     "DetectionTarget": "detection",
     "ExplainedBatch": "dataset",
@@ -94,6 +96,8 @@ __all__ = [
     "NO_MASK",
     "AblationCAM",
     "AnswerScore",
+    "AttentionExplanation",
+    "AttentionRollout",
     "BackendError",
     "CaptionLogProb",
     "DatasetSummary",
@@ -157,6 +161,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from tf_gradcam.attention import AttentionExplanation, AttentionRollout
     from tf_gradcam.callback import GradCAMCallback
     from tf_gradcam.cams import EigenCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
     from tf_gradcam.dataset import DatasetSummary, ExplainedBatch, explain_dataset, iter_shards

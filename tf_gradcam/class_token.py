@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from tf_gradcam.capture import SubclassedGradientModel, watch
 
-__all__ = ["ClassTokenGradientModel", "ClassTokenTail", "class_token_tail"]
+__all__ = ["ClassTokenGradientModel", "ClassTokenTail", "ViTParts", "class_token_tail", "vit_parts"]
 
 _BLOCK_PARTS = ("layer_norm_1", "mha", "dropout", "layer_norm_2", "mlp")
 #: Probe tolerance, relative to the largest magnitude of the compared tensor.
@@ -59,21 +59,36 @@ class ClassTokenTail:
     head: tuple[Any, ...]
 
 
-def class_token_tail(model: keras.Model, layer: Any) -> ClassTokenTail | None:
-    """The shortcut's parts when `model` is a class-token ViT classifier, else `None`.
+@dataclass(frozen=True)
+class ViTParts:
+    """The layers of a class-token ViT classifier, as its call uses them.
+
+    Attributes:
+        embedding: the backbone's layers before the encoder, as a functional model
+            over the backbone's own graph (no layer is called to build it).
+        encoder: the encoder layer (its `dropout` runs first, its `layer_norm` last).
+        blocks: the encoder's blocks, in order.
+        head: the classifier's layers after the class token, in order.
+    """
+
+    embedding: keras.Model
+    encoder: Any
+    blocks: tuple[Any, ...]
+    head: tuple[Any, ...]
+
+
+def vit_parts(model: keras.Model) -> ViTParts | None:
+    """The parts of a keras-hub class-token ViT classifier, or `None` for other models.
 
     Args:
-        model: the model to explain.
-        layer: the explained layer object (a block of the encoder, for the shortcut).
+        model: any model.
 
     Returns:
-        A `ClassTokenTail`, or `None` when the model is not of that shape or the
-        layer is not a block before the last one.
+        A `ViTParts` when the model has the shape the module docstring names.
 
     Example:
-        >>> tail = class_token_tail(classifier, classifier.backbone.layers[-1].encoder_layers[10])
-        >>> tail.index
-        10
+        >>> len(vit_parts(classifier).blocks)
+        12
     """
     if getattr(model, "pooling", None) != "token":
         return None
@@ -92,10 +107,7 @@ def class_token_tail(model: keras.Model, layer: Any) -> ClassTokenTail | None:
         return None
     encoder = encoders[0]
     blocks = tuple(encoder.encoder_layers)
-    index = next((i for i, block in enumerate(blocks) if block is layer), None)
-    if index is None or index == len(blocks) - 1:
-        return None
-    if not all(hasattr(block, part) for block in blocks for part in _BLOCK_PARTS):
+    if not blocks or not all(hasattr(block, part) for block in blocks for part in _BLOCK_PARTS):
         return None
     # the head's dropout is the identity at inference (and `model.dropout` is its rate)
     head = tuple(
@@ -112,7 +124,32 @@ def class_token_tail(model: keras.Model, layer: Any) -> ClassTokenTail | None:
         embedding = keras.Model(backbone.input, encoder.input, name=f"{backbone.name}_embedding")
     except (AttributeError, ValueError, TypeError):
         return None
-    return ClassTokenTail(embedding, encoder, blocks, index, head)
+    return ViTParts(embedding, encoder, blocks, head)
+
+
+def class_token_tail(model: keras.Model, layer: Any) -> ClassTokenTail | None:
+    """The shortcut's parts when `model` is a class-token ViT classifier, else `None`.
+
+    Args:
+        model: the model to explain.
+        layer: the explained layer object (a block of the encoder, for the shortcut).
+
+    Returns:
+        A `ClassTokenTail`, or `None` when the model is not of that shape or the
+        layer is not a block before the last one.
+
+    Example:
+        >>> tail = class_token_tail(classifier, classifier.backbone.layers[-1].encoder_layers[10])
+        >>> tail.index
+        10
+    """
+    parts = vit_parts(model)
+    if parts is None:
+        return None
+    index = next((i for i, block in enumerate(parts.blocks) if block is layer), None)
+    if index is None or index == len(parts.blocks) - 1:
+        return None
+    return ClassTokenTail(parts.embedding, parts.encoder, parts.blocks, index, parts.head)
 
 
 class ClassTokenGradientModel(SubclassedGradientModel):

@@ -434,8 +434,8 @@ def test_logits_false_weights_follow_the_softmax_derivative(varied_images):
 
 
 def test_a_fixed_non_square_input_is_upsampled_to_its_own_height_and_width():
-    """Input 20x28 known when traced (the size is a graph constant): heatmaps are the
-    rectified raw maps resized by OpenCV to 28 wide, 20 high, then scaled to [0, 1]."""
+    """A fixed 20x28 input: heatmaps are the rectified raw maps resized by OpenCV to 28
+    wide, 20 high, then scaled to [0, 1] (height and width never swapped)."""
     import cv2
 
     keras.utils.set_random_seed(4)

@@ -51,9 +51,7 @@ def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
     # backward pass. The other axes are folded into the rows instead.
     x = tf.reshape(maps, tf.concat([[-1], shape[-axes:]], axis=0))  # (B, s_1, ..., s_r)
     for axis in range(1, axes + 1):
-        # sizes known when traced make the matrix a constant of the graph (folded once)
-        size_in = x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
-        weights = _interpolation_matrix(size_in, size[axis - 1])
+        weights = _interpolation_matrix(tf.shape(x)[axis], size[axis - 1])
         order = [0, *[a for a in range(1, axes + 1) if a != axis], axis]
         moved = tf.transpose(x, order)  # the resized axis last
         moved_shape = tf.shape(moved)
@@ -65,8 +63,11 @@ def upsample_maps(maps: Any, size: Any) -> tf.Tensor:
 
 def spatial_size(batch: Any, channels_first: bool) -> tf.Tensor:
     """The spatial size of a batch as an int32 tensor: `(height, width)` of images,
-    `(length,)` of signals, `(depth, height, width)` of volumes; a constant when the
-    traced shape knows it, so that `upsample_maps`' matrices are constants too.
+    `(length,)` of signals, `(depth, height, width)` of volumes.
+
+    Read from the batch at run time even when the traced shape knows it: as a graph
+    constant it made TensorFlow 2.21 feed the wrong tensor to a convolution of the
+    second replica under `MirroredStrategy` (docs/known-issues.md).
 
     Example:
         >>> spatial_size(tf.zeros((2, 64, 48, 3)), channels_first=False).numpy()
@@ -74,9 +75,6 @@ def spatial_size(batch: Any, channels_first: bool) -> tf.Tensor:
     """
     rank = batch.shape.rank
     axes = slice(2, rank) if channels_first else slice(1, rank - 1)
-    static = batch.shape[axes]
-    if static.is_fully_defined():
-        return tf.constant(static.as_list(), tf.int32)
     return tf.shape(batch)[axes]
 
 

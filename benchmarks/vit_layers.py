@@ -28,6 +28,11 @@ HiResCAM and LayerCAM, whose maps weight each token by its own gradient rather
 than by the gradients' mean over the grid, are scored at the last block's input
 and first LayerNorm for comparison.
 
+Attention rollout and gradient-weighted attention (`tf_gradcam.AttentionRollout`),
+which follow the class token through every block instead of explaining one
+layer, are scored the same way, and drawn beside the default layer's Grad-CAM in
+docs/images/vit_attention.png (`--attention-picture`).
+
 A random point hits the object with probability equal to the object's share of
 the image, which is also the mass share of a uniform map: the `random point`
 row gives both. Each training seed draws fresh training scenes for every
@@ -69,6 +74,7 @@ import tensorflow as tf
 
 import tf_gradcam
 from tf_gradcam import metrics
+from tf_gradcam.attention import AttentionRollout
 from tf_gradcam.methods import TITLES, get_method
 from tf_gradcam.scenes import make_scenes
 
@@ -98,6 +104,8 @@ CANDIDATES = (
 OTHER_METHODS = ("hirescam", "layercam")
 #: Columns of the picture after the image: (method, index into CANDIDATES).
 PICTURE_COLUMNS = (("gradcam", 0), ("gradcam", 1), ("gradcam", 2), ("hirescam", 1))
+#: Columns of the attention picture: the default layer's Grad-CAM, then the two rollouts.
+ATTENTION_COLUMNS = (("gradcam", 1), ("rollout", None), ("gradient attention", None))
 
 
 def layer_path(model: keras.Model, inner: str) -> str:
@@ -150,10 +158,24 @@ def train(seed: int, args, classes: int) -> keras.Model:
 def evaluate(
     model: keras.Model, path: str, test, method: str = "gradcam"
 ) -> tuple[tuple[float, ...], np.ndarray]:
-    """(pointing %, pointing ≤ TOLERANCE px %, loc. error %, mass %, all-zero %), heatmaps."""
+    """Grad-CAM-family scores at one layer (`score_heatmaps`), and the heatmaps."""
     cam = get_method(method)(model, path)
     result = cam(centred(test.images), target=test.labels)
     heatmaps = np.asarray(result.heatmaps)
+    return score_heatmaps(heatmaps, test, np.asarray(result.degenerate)), heatmaps
+
+
+def evaluate_attention(
+    model: keras.Model, test, gradients: bool
+) -> tuple[tuple[float, ...], np.ndarray]:
+    """The same scores for attention rollout or gradient-weighted attention (all blocks)."""
+    result = AttentionRollout(model, gradients=gradients)(centred(test.images), target=test.labels)
+    degenerate = result.heatmaps.max(axis=(1, 2)) <= 0
+    return score_heatmaps(result.heatmaps, test, degenerate), result.heatmaps
+
+
+def score_heatmaps(heatmaps: np.ndarray, test, degenerate: np.ndarray) -> tuple[float, ...]:
+    """(pointing %, pointing ≤ TOLERANCE px %, loc. error %, mass %, all-zero %)."""
     masks = test.masks[:, 0]
     exact, near = (
         100 * metrics.pointing_accuracy(metrics.pointing_game(heatmaps, masks, tolerance=t))
@@ -166,8 +188,8 @@ def evaluate(
     total = heatmaps.sum(axis=(1, 2))
     on_object = (heatmaps * masks).sum(axis=(1, 2))
     mass = np.divide(on_object, total, out=np.zeros_like(total), where=total > 0)
-    zero = 100 * float(np.mean(result.degenerate))
-    return (exact, near, 100 * float(errors.mean()), 100 * float(mass.mean()), zero), heatmaps
+    zero = 100 * float(np.mean(degenerate))
+    return (exact, near, 100 * float(errors.mean()), 100 * float(mass.mean()), zero)
 
 
 def random_point(test) -> tuple[float, ...]:
@@ -192,20 +214,29 @@ def default_layer(model: keras.Model) -> str | None:
         return None
 
 
-def picture(path: Path, model: keras.Model, test, heatmaps: dict, rows: list[int]) -> None:
-    """Scenes | the maps of PICTURE_COLUMNS, with the object's box and each map's maximum."""
+def picture(
+    path: Path,
+    model: keras.Model,
+    test,
+    heatmaps: dict,
+    rows: list[int],
+    columns_shown: tuple = PICTURE_COLUMNS,
+) -> None:
+    """Scenes | the maps of `columns_shown`, with the object's box and each map's maximum."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     predicted = model.predict(centred(test.images[rows]), verbose=0).argmax(-1)
-    columns = len(PICTURE_COLUMNS) + 1
+    columns = len(columns_shown) + 1
     figure = Figure(figsize=(2.2 * columns, 2.2 * len(rows) + 0.5))
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     titles = ["image"] + [
         f"{TITLES[method]}: {CANDIDATES[index][0].replace(' (', chr(10) + '(')}"
-        for method, index in PICTURE_COLUMNS
+        if index is not None
+        else f"{method}\n(all blocks)"
+        for method, index in columns_shown
     ]
     for row, scene in enumerate(rows):
         image = test.images[scene]
@@ -221,7 +252,7 @@ def picture(path: Path, model: keras.Model, test, heatmaps: dict, rows: list[int
                 ax.imshow(image, interpolation="nearest")
                 ax.set_ylabel(f"{name} (pred. {test.class_names[predicted[row]]})", fontsize=8)
                 continue
-            heat = heatmaps[PICTURE_COLUMNS[column - 1]][scene]
+            heat = heatmaps[columns_shown[column - 1]][scene]
             ax.imshow(tf_gradcam.overlay(image, heat), interpolation="nearest")
             ax.add_patch(
                 Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="white", lw=1)
@@ -262,9 +293,15 @@ def run(args) -> tuple[list, float, dict]:
             for method in methods:
                 scores, maps[method, index] = evaluate(model, path, test, method)
                 rows.append((seed, method, label, inner, path == default, *scores))
+        for method, gradients in (("rollout", False), ("gradient attention", True)):
+            scores, maps[method, None] = evaluate_attention(model, test, gradients)
+            rows.append((seed, method, "all blocks", "", False, *scores))
         if args.picture and seed == args.seeds[0]:
             scenes = picture_rows(test, args.picture_rows)
             picture(Path(args.picture), model, test, maps, scenes)
+        if args.attention_picture and seed == args.seeds[0]:
+            scenes = picture_rows(test, args.picture_rows)
+            picture(Path(args.attention_picture), model, test, maps, scenes, ATTENTION_COLUMNS)
         print(
             f"  seed {seed}: test accuracy {accuracies[-1]:.1f}%, trained in {trained:.0f} s, "
             f"explained in {time.perf_counter() - started - trained:.0f} s",
@@ -321,6 +358,14 @@ def print_table(rows, baseline, accuracies) -> None:
                 else "| random point / uniform map | — |"
             )
             print(f"{lead} {baseline_cells} |")
+    print("\nAttention through all blocks (tf_gradcam.AttentionRollout):\n")
+    print(f"| method | {metric_names} |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for method in ("rollout", "gradient attention"):
+        values = np.array([r[5:] for r in rows if r[1] == method])
+        cells = " | ".join(_cell(values[:, i]) for i in range(values.shape[1]))
+        print(f"| {method} | {cells} |")
+    print(f"| random point / uniform map | {baseline_cells} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -337,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         help="where to draw the first seed's maps ('' for none)",
     )
     parser.add_argument("--picture-rows", type=int, default=4)
+    parser.add_argument(
+        "--attention-picture",
+        default=str(ROOT / "docs" / "images" / "vit_attention.png"),
+        help="where to draw the first seed's attention maps ('' for none)",
+    )
     args = parser.parse_args(argv)
     tf.config.experimental.enable_op_determinism()
     tf.get_logger().setLevel("ERROR")  # Keras's retracing notes on repeated predict calls

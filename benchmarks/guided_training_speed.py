@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(1, str(ROOT))
 
 from bias_detection import make_model, make_scenes  # noqa: E402
+from callback_overhead import EpochTimer  # noqa: E402
 
 import tf_gradcam  # noqa: E402
 
@@ -43,20 +44,6 @@ LOSSES = {
     "RRR": lambda: tf_gradcam.RRRLoss(weight=100.0),
     "HINT": lambda: tf_gradcam.HINTLoss(layer="last_conv", weight=100.0),
 }
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Wall time from `on_epoch_begin` to `on_epoch_end` (excludes `fit`'s own set-up)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 def masks_for(loss, cue_boxes, object_boxes, fraction, rng) -> np.ndarray:

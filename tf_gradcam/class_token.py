@@ -40,26 +40,6 @@ _PROBE_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
-class ClassTokenTail:
-    """The parts of a ViT classifier that the shortcut calls.
-
-    Attributes:
-        embedding: the backbone's layers before the encoder, as a functional model
-            over the backbone's own graph (no layer is called to build it).
-        encoder: the encoder layer (its `dropout` runs first, its `layer_norm` last).
-        blocks: the encoder's blocks, in order.
-        index: the block whose output is explained (never the last one).
-        head: the classifier's layers after the class token, in order.
-    """
-
-    embedding: keras.Model
-    encoder: Any
-    blocks: tuple[Any, ...]
-    index: int
-    head: tuple[Any, ...]
-
-
-@dataclass(frozen=True)
 class ViTParts:
     """The layers of a class-token ViT classifier, as its call uses them.
 
@@ -75,6 +55,19 @@ class ViTParts:
     encoder: Any
     blocks: tuple[Any, ...]
     head: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class ClassTokenTail:
+    """What the shortcut runs: the classifier's parts and the explained block.
+
+    Attributes:
+        parts: the classifier's layers (`ViTParts`).
+        index: the block whose output is explained (never the last one).
+    """
+
+    parts: ViTParts
+    index: int
 
 
 def vit_parts(model: keras.Model) -> ViTParts | None:
@@ -149,7 +142,7 @@ def class_token_tail(model: keras.Model, layer: Any) -> ClassTokenTail | None:
     index = next((i for i, block in enumerate(parts.blocks) if block is layer), None)
     if index is None or index == len(parts.blocks) - 1:
         return None
-    return ClassTokenTail(parts.embedding, parts.encoder, parts.blocks, index, parts.head)
+    return ClassTokenTail(parts, index)
 
 
 class ClassTokenGradientModel(SubclassedGradientModel):
@@ -171,21 +164,22 @@ class ClassTokenGradientModel(SubclassedGradientModel):
         tail = self.tail
         if tail is None:
             return super()._forward(inputs)
-        x = tail.embedding(inputs, training=False)
-        x = tail.encoder.dropout(x, training=False)
+        parts = tail.parts
+        x = parts.embedding(inputs, training=False)
+        x = parts.encoder.dropout(x, training=False)
         activations = None
-        for i, block in enumerate(tail.blocks[:-1]):
+        for i, block in enumerate(parts.blocks[:-1]):
             x = block(x, training=False)
             if i == tail.index:
                 activations = x
                 watch(activations)
-        last = tail.blocks[-1]
+        last = parts.blocks[-1]
         normed = last.layer_norm_1(x)
         attended = last.mha(normed[:, :1], normed, training=False)
         token = x[:, :1] + last.dropout(attended, training=False)
         token = token + last.mlp(last.layer_norm_2(token), training=False)
-        outputs = tail.encoder.layer_norm(token)[:, 0]
-        for layer in tail.head:
+        outputs = parts.encoder.layer_norm(token)[:, 0]
+        for layer in parts.head:
             outputs = layer(outputs, training=False)
         return activations, outputs
 

@@ -69,9 +69,11 @@ def main() -> None:
     runtimes["TFLite (LiteRT)"] = tflite_explain(tflite)(images=images)
 
     onnx = tf_gradcam.export(model, os.path.join(folder, "demo.onnx"), format="onnx", top_k=2)
-    session = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    runtimes["ONNX Runtime"] = dict(zip(names, session.run(None, {"images": images}), strict=True))
+    onnx_model = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    names = [output.name for output in onnx_model.get_outputs()]
+    runtimes["ONNX Runtime"] = dict(
+        zip(names, onnx_model.run(None, {"images": images}), strict=True)
+    )
 
     for name, outputs in runtimes.items():
         gap = np.abs(outputs["heatmaps"] - python.heatmaps).max()

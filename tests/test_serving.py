@@ -373,14 +373,14 @@ def test_onnx_cam_equals_gradcam(tmp_path):
     pytest.importorskip("tf2onnx")
     model = load_demo_model()
     written = tf_gradcam.export(model, tmp_path / "demo.onnx", format="onnx", top_k=2)
-    session = onnxruntime.InferenceSession(written, providers=["CPUExecutionProvider"])
-    (entry,) = session.get_inputs()
+    onnx_model = onnxruntime.InferenceSession(written, providers=["CPUExecutionProvider"])
+    (entry,) = onnx_model.get_inputs()
     assert entry.name == "images" and not isinstance(entry.shape[0], int)  # a free batch axis
-    names = [output.name for output in session.get_outputs()]
+    names = [output.name for output in onnx_model.get_outputs()]
     assert sorted(names) == ["classes", "heatmaps", "predictions", "scores"]
     images = make_scenes(3, seed=3).images.astype(np.float32)
     for batch in (3, 1):
-        outputs = dict(zip(names, session.run(None, {"images": images[:batch]}), strict=True))
+        outputs = dict(zip(names, onnx_model.run(None, {"images": images[:batch]}), strict=True))
         _assert_cam_runtime(outputs, model, images[:batch])
 
 
